@@ -1,0 +1,1 @@
+"""Domain models, names and state machines. Pure: no I/O, imports nothing of ours but errors."""

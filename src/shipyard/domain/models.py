@@ -1,0 +1,278 @@
+"""The platform's domain models: what every layer passes around.
+
+Pydantic models, immutable once built; ``extra="forbid"`` so an unknown field in a request is an
+error rather than silently dropped.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+
+class FileEntry(Model):
+    path: str
+    digest: str
+    size: int
+
+
+class ColumnProfile(Model):
+    name: str
+    type: str
+    count: int
+    nulls: int
+    min: float | None = None
+    max: float | None = None
+    mean: float | None = None
+    std: float | None = None
+    distinct: int | None = None
+
+
+class TableProfile(Model):
+    path: str
+    rows: int
+    columns: list[ColumnProfile]
+
+
+class DatasetProfile(Model):
+    files: int
+    bytes: int
+    tables: list[TableProfile] = Field(default_factory=list)
+
+
+class ValidationResult(Model):
+    check: str
+    passed: bool
+    message: str
+
+
+class Dataset(Model):
+    id: str
+    project: str
+    name: str
+    created_at: datetime
+    latest_version: int | None = None
+
+
+class DatasetVersion(Model):
+    id: str
+    project: str
+    dataset: str
+    version: int
+    manifest_digest: str
+    file_count: int
+    total_bytes: int
+    new_bytes: int
+    profile: DatasetProfile
+    validation: list[ValidationResult]
+    message: str
+    created_at: datetime
+    created_by: str
+
+
+# --- tracking -------------------------------------------------------------------------------------
+
+
+class RunStatus(str, enum.Enum):
+    RUNNING = "running"
+    FINISHED = "finished"
+    FAILED = "failed"
+    KILLED = "killed"
+
+
+class MetricPoint(Model):
+    key: str
+    value: float
+    step: int = 0
+    timestamp: float
+
+
+class Artifact(Model):
+    path: str
+    digest: str
+    size: int
+
+
+class Run(Model):
+    id: str
+    project: str
+    name: str
+    status: RunStatus
+    params: dict[str, str]
+    tags: dict[str, str]
+    metrics: dict[str, float]  # latest value of each metric
+    artifacts: list[Artifact]
+    job_id: str | None
+    created_at: datetime
+    finished_at: datetime | None
+
+
+class ModelSignatureTensor(Model):
+    name: str
+    datatype: str  # OIP v2 datatype: FP32, INT64, ...
+    shape: list[int]  # -1 for a dynamic dimension
+
+
+class ModelSignature(Model):
+    inputs: list[ModelSignatureTensor]
+    outputs: list[ModelSignatureTensor]
+
+
+class RegisteredModel(Model):
+    id: str
+    project: str
+    name: str
+    created_at: datetime
+    latest_version: int | None
+    aliases: dict[str, int]
+
+
+class ModelVersion(Model):
+    id: str
+    project: str
+    model: str
+    version: int
+    format: str
+    artifact_digest: str
+    artifact_size: int
+    signature: ModelSignature
+    metrics: dict[str, float]
+    source_run_id: str | None
+    description: str
+    created_at: datetime
+    aliases: list[str] = Field(default_factory=list)
+
+
+class AliasEvent(Model):
+    model: str
+    alias: str
+    version: int | None  # None when the alias was removed
+    previous_version: int | None
+    actor: str
+    at: datetime
+
+
+# --- compute ----------------------------------------------------------------------------------
+
+
+class JobStatus(str, enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    TIMED_OUT = "timed_out"
+
+    @property
+    def finished(self) -> bool:
+        return self in FINISHED_JOB_STATUSES
+
+
+FINISHED_JOB_STATUSES = frozenset(
+    {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.TIMED_OUT}
+)
+
+
+class Resources(Model):
+    cpus: float = Field(default=1.0, gt=0, le=4096)
+    memory_mb: int = Field(default=512, ge=1, le=16 * 1024 * 1024)
+    gpus: int = Field(default=0, ge=0, le=1024)
+
+
+class JobSpec(Model):
+    command: list[str] = Field(min_length=1)
+    env: dict[str, str] = Field(default_factory=dict)
+    resources: Resources = Field(default_factory=Resources)
+    priority: int = Field(default=0, ge=-1000, le=1000)
+    max_runtime_s: float | None = Field(default=None, gt=0)
+    name: str | None = None
+
+
+class JobUsage(Model):
+    cpu_seconds: float = 0.0
+    peak_memory_mb: float = 0.0
+    wall_seconds: float = 0.0
+
+
+class Job(Model):
+    id: str
+    project: str
+    name: str
+    spec: JobSpec
+    status: JobStatus
+    code_digest: str | None
+    run_id: str | None
+    assigned_gpus: list[int]
+    exit_code: int | None
+    message: str
+    usage: JobUsage
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    created_by: str
+
+
+# --- serving ----------------------------------------------------------------------------------
+
+
+class DeploymentStatus(str, enum.Enum):
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPED = "stopped"
+    FAILED = "failed"
+
+
+class Deployment(Model):
+    id: str
+    project: str
+    name: str
+    model: str
+    alias: str | None
+    version: int
+    status: DeploymentStatus
+    url: str | None
+    pid: int | None
+    message: str
+    created_at: datetime
+    created_by: str
+
+
+# --- lineage, audit, security -------------------------------------------------------------------
+
+
+class LineageEdge(Model):
+    source_kind: str  # dataset_version | run | model_version | deployment
+    source_id: str
+    target_kind: str
+    target_id: str
+    relation: str  # input | output | serves
+    created_at: datetime
+
+
+class AuditEvent(Model):
+    seq: int
+    at: datetime
+    actor: str
+    action: str
+    resource: str
+    details: dict[str, Any]
+    prev_hash: str
+    hash: str
+
+
+class Token(Model):
+    id: str
+    name: str
+    prefix: str
+    created_at: datetime
+    last_used_at: datetime | None = None

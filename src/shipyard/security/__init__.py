@@ -1,0 +1,1 @@
+"""Security baseline: path confinement, API tokens, the hash-chained audit log."""

@@ -1,0 +1,128 @@
+"""Engine factory and transactions.
+
+SQLite: WAL mode, a busy timeout, foreign keys on, and ``BEGIN IMMEDIATE`` for write
+transactions, so that many processes (CLI, server, job supervisors, jobs logging metrics) writing
+the same file queue on the lock instead of failing with "database is locked" when a deferred
+reader tries to upgrade. PostgreSQL: plain transactions; critical sections lock a ``locks`` row.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
+
+from shipyard.errors import InvalidInputError
+from shipyard.store.tables import LockRow
+
+_WRITE = "shipyard_write"
+
+
+class Database:
+    """A connection factory. Cheap to build; ``open_database`` migrates the schema first."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.is_sqlite = engine.dialect.name == "sqlite"
+
+    @contextmanager
+    def transaction(self, *, write: bool = True) -> Iterator[Session]:
+        """A session in one transaction, committed on success and rolled back on error."""
+        with self.engine.connect() as conn:
+            conn.info[_WRITE] = write
+            with Session(bind=conn, expire_on_commit=False, autoflush=True) as session:
+                with session.begin():
+                    yield session
+
+    def read(self) -> Any:
+        return self.transaction(write=False)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def lock(session: Session, name: str, *, holder: str = "") -> None:
+    """Serialise a critical section across processes: every writer updates the same row first.
+
+    On SQLite the write transaction already holds the database lock; on PostgreSQL the updated
+    row stays locked until the transaction ends.
+    """
+    result = session.execute(
+        update(LockRow)
+        .where(LockRow.name == name)
+        .values(holder=holder or f"pid:{os.getpid()}", acquired_at=time.time())
+    )
+    if result.rowcount == 0:  # type: ignore[attr-defined]
+        session.add(LockRow(name=name, holder=holder, acquired_at=time.time()))
+        session.flush()
+
+
+_cache: dict[str, Database] = {}
+_cache_lock = threading.Lock()
+
+
+def open_database(url: str, *, migrate: bool = True) -> Database:
+    """Build (once per URL and process) a Database for ``url`` and bring its schema up to date."""
+    with _cache_lock:
+        db = _cache.get(url)
+        if db is not None:
+            return db
+        db = Database(_make_engine(url))
+        if migrate:
+            from shipyard.store.migrate import upgrade  # noqa: PLC0415 - alembic is heavy
+
+            upgrade(db.engine)
+        _cache[url] = db
+        return db
+
+
+def forget_database(url: str) -> None:
+    """Drop a cached Database (tests that delete a home use this)."""
+    with _cache_lock:
+        db = _cache.pop(url, None)
+    if db is not None:
+        db.close()
+
+
+def _make_engine(url: str) -> Engine:
+    try:
+        parsed = make_url(url)
+    except Exception as exc:
+        raise InvalidInputError(f"database URL {url!r} is not valid: {exc}", field="db") from None
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
+        _configure_sqlite(engine)
+        return engine
+    if parsed.get_backend_name() == "postgresql":
+        if parsed.drivername == "postgresql":
+            url = str(parsed.set(drivername="postgresql+psycopg"))
+        return create_engine(url, pool_pre_ping=True)
+    raise InvalidInputError(
+        f"database URL {url!r}: only sqlite:/// and postgresql:// are supported", field="db"
+    )
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # we emit BEGIN ourselves, below
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=60000")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.info.get(_WRITE, True) else "BEGIN")
