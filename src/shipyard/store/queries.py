@@ -28,7 +28,7 @@ def project_id(session: Session, name: str, *, create: bool) -> str:
 
 
 def project_names(session: Session) -> dict[str, str]:
-    return dict(session.execute(select(ProjectRow.id, ProjectRow.name)).tuples().all())
+    return dict(session.execute(select(ProjectRow.id, ProjectRow.name)).all())
 
 
 def add_edge(

@@ -308,9 +308,7 @@ def _aliases(s: Session, model_id: str) -> dict[str, int]:
             select(ModelAliasRow.alias, ModelAliasRow.version).where(
                 ModelAliasRow.model_id == model_id
             )
-        )
-        .tuples()
-        .all()
+        ).all()
     )
 
 

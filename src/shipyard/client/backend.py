@@ -1,0 +1,169 @@
+"""The seam between the SDK and where the work happens.
+
+``LocalBackend`` calls the services on the embedded home in-process; ``HttpBackend`` speaks the
+REST API to a server. Both return the same domain models and raise the same ``shipyard.errors``,
+so user code (and the CLI) cannot tell them apart; ``tests/client`` runs one scenario both ways.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from pathlib import Path
+
+from shipyard.domain.models import (
+    AliasEvent,
+    Artifact,
+    AuditEvent,
+    Dataset,
+    DatasetVersion,
+    Deployment,
+    FileEntry,
+    Job,
+    JobSpec,
+    JobStatus,
+    LineageEdge,
+    MetricPoint,
+    ModelVersion,
+    RegisteredModel,
+    Run,
+    RunStatus,
+)
+
+Progress = Callable[[int, int, str], None]  # (done, total, what)
+
+
+class Backend(ABC):
+    """Everything the SDK and CLI can ask for. Methods mirror the services one to one."""
+
+    # datasets
+    @abstractmethod
+    def commit_dataset(
+        self,
+        *,
+        project: str,
+        name: str,
+        source: Path,
+        message: str = "",
+        progress: Progress | None = None,
+    ) -> DatasetVersion: ...
+    @abstractmethod
+    def list_datasets(self, *, project: str) -> list[Dataset]: ...
+    @abstractmethod
+    def list_dataset_versions(self, *, project: str, name: str) -> list[DatasetVersion]: ...
+    @abstractmethod
+    def get_dataset_version(
+        self, *, project: str, name: str, version: int | str | None = None
+    ) -> DatasetVersion: ...
+    @abstractmethod
+    def list_dataset_files(self, *, project: str, name: str, version: int) -> list[FileEntry]: ...
+    @abstractmethod
+    def read_blob(self, digest: str) -> bytes: ...
+
+    # runs
+    @abstractmethod
+    def create_run(
+        self,
+        *,
+        project: str,
+        name: str | None = None,
+        params: dict[str, str] | None = None,
+        tags: dict[str, str] | None = None,
+        job_id: str | None = None,
+    ) -> Run: ...
+    @abstractmethod
+    def get_run(self, run_id: str) -> Run: ...
+    @abstractmethod
+    def list_runs(self, *, project: str | None = None) -> list[Run]: ...
+    @abstractmethod
+    def log_batch(
+        self,
+        run_id: str,
+        *,
+        metrics: list[MetricPoint],
+        params: dict[str, str] | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> int: ...
+    @abstractmethod
+    def finish_run(self, run_id: str, *, status: RunStatus = RunStatus.FINISHED) -> Run: ...
+    @abstractmethod
+    def metric_history(self, run_id: str, *, key: str) -> list[MetricPoint]: ...
+    @abstractmethod
+    def log_artifact(self, run_id: str, *, path: str, local_file: Path) -> Artifact: ...
+    @abstractmethod
+    def add_run_input(self, run_id: str, *, project: str, dataset: str, version: int) -> None: ...
+
+    # models
+    @abstractmethod
+    def register_model_version(
+        self,
+        *,
+        project: str,
+        model: str,
+        run_id: str | None,
+        artifact_path: str | None,
+        description: str = "",
+    ) -> ModelVersion: ...
+    @abstractmethod
+    def get_model_version(
+        self, *, project: str, model: str, ref: str | int = "latest"
+    ) -> ModelVersion: ...
+    @abstractmethod
+    def list_models(self, *, project: str) -> list[RegisteredModel]: ...
+    @abstractmethod
+    def list_model_versions(self, *, project: str, model: str) -> list[ModelVersion]: ...
+    @abstractmethod
+    def set_alias(
+        self, *, project: str, model: str, alias: str, version: int | str
+    ) -> ModelVersion: ...
+    @abstractmethod
+    def alias_history(self, *, project: str, model: str) -> list[AliasEvent]: ...
+
+    # jobs
+    @abstractmethod
+    def submit_job(
+        self,
+        *,
+        project: str,
+        spec: JobSpec,
+        code_dir: Path | None = None,
+        run_id: str | None = None,
+    ) -> Job: ...
+    @abstractmethod
+    def list_jobs(
+        self, *, project: str | None = None, status: JobStatus | None = None
+    ) -> list[Job]: ...
+    @abstractmethod
+    def get_job(self, job_id: str) -> Job: ...
+    @abstractmethod
+    def cancel_job(self, job_id: str) -> Job: ...
+    @abstractmethod
+    def read_logs(self, job_id: str, *, offset: int = 0) -> tuple[str, int, bool]: ...
+
+    # deployments
+    @abstractmethod
+    def deploy(
+        self,
+        *,
+        project: str,
+        name: str,
+        model: str,
+        ref: str = "production",
+        max_batch_size: int = 32,
+        max_wait_ms: float = 5.0,
+    ) -> Deployment: ...
+    @abstractmethod
+    def list_deployments(self, *, project: str) -> list[Deployment]: ...
+    @abstractmethod
+    def get_deployment(self, *, project: str, name: str) -> Deployment: ...
+    @abstractmethod
+    def stop_deployment(self, *, project: str, name: str) -> Deployment: ...
+
+    # governance
+    @abstractmethod
+    def lineage(self, *, kind: str, id: str) -> list[LineageEdge]: ...
+    @abstractmethod
+    def audit_events(self, *, after: int = 0, limit: int = 100) -> list[AuditEvent]: ...
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections; the default holds none."""

@@ -1,0 +1,250 @@
+"""The SDK's entry object: ``Client`` and its resource clients.
+
+``Client()`` talks to ``SHIPYARD_URL`` when it is set and to the embedded home otherwise; pass
+``backend=`` to choose explicitly (tests use this to run one scenario both ways).
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from shipyard.client.backend import Backend, Progress
+from shipyard.client.http import HttpBackend
+from shipyard.client.local import LocalBackend
+from shipyard.context import open_context
+from shipyard.domain.models import (
+    Dataset,
+    DatasetVersion,
+    Deployment,
+    FileEntry,
+    Job,
+    JobSpec,
+    JobStatus,
+    ModelVersion,
+    RegisteredModel,
+    Resources,
+    Run,
+)
+from shipyard.errors import InvalidInputError, NotFoundError
+from shipyard.settings import Settings
+
+
+def backend_from_settings(settings: Settings) -> Backend:
+    if settings.url:
+        return HttpBackend(settings.url, token=settings.token)
+    return LocalBackend(open_context(settings))
+
+
+class Client:
+    """``Client().datasets``, ``.runs``, ``.models``, ``.jobs``, ``.deployments``."""
+
+    def __init__(self, *, settings: Settings | None = None, backend: Backend | None = None) -> None:
+        self.settings = settings or Settings.from_env()
+        self.backend = backend or backend_from_settings(self.settings)
+        self.project = self.settings.project
+        self.datasets = DatasetsClient(self)
+        self.runs = RunsClient(self)
+        self.models = ModelsClient(self)
+        self.jobs = JobsClient(self)
+        self.deployments = DeploymentsClient(self)
+
+    @property
+    def is_remote(self) -> bool:
+        return isinstance(self.backend, HttpBackend)
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Resource:
+    def __init__(self, client: Client) -> None:
+        self._client = client
+        self._b = client.backend
+
+    def _project(self, project: str | None) -> str:
+        return project or self._client.project
+
+
+class DatasetsClient(_Resource):
+    def commit(
+        self,
+        source: str | Path,
+        *,
+        name: str,
+        message: str = "",
+        project: str | None = None,
+        progress: Progress | None = None,
+    ) -> DatasetVersion:
+        return self._b.commit_dataset(
+            project=self._project(project),
+            name=name,
+            source=Path(source),
+            message=message,
+            progress=progress,
+        )
+
+    def list(self, *, project: str | None = None) -> list[Dataset]:
+        return self._b.list_datasets(project=self._project(project))
+
+    def versions(self, name: str, *, project: str | None = None) -> list[DatasetVersion]:
+        return self._b.list_dataset_versions(project=self._project(project), name=name)
+
+    def get(
+        self, name: str, version: int | str | None = None, *, project: str | None = None
+    ) -> DatasetVersion:
+        return self._b.get_dataset_version(
+            project=self._project(project), name=name, version=version
+        )
+
+    def files(
+        self, name: str, version: int | str | None = None, *, project: str | None = None
+    ) -> list[FileEntry]:
+        dv = self.get(name, version, project=project)
+        return self._b.list_dataset_files(project=dv.project, name=name, version=dv.version)
+
+    def read_table(
+        self, name: str, path: str, version: int | str | None = None, *, project: str | None = None
+    ) -> pa.Table:
+        """One Parquet or CSV file of a dataset version as an Arrow table (hash-verified)."""
+        entries = {f.path: f for f in self.files(name, version, project=project)}
+        if path not in entries:
+            raise NotFoundError(
+                f"dataset {name!r} has no file {path!r}; it has: {', '.join(sorted(entries)[:10])}",
+                field="path",
+            )
+        data = self._b.read_blob(entries[path].digest)
+        if path.endswith(".parquet"):
+            return pq.read_table(io.BytesIO(data))
+        if path.endswith(".csv"):
+            return pacsv.read_csv(io.BytesIO(data))
+        raise InvalidInputError(f"{path!r} is neither Parquet nor CSV", field="path")
+
+
+class RunsClient(_Resource):
+    def list(self, *, project: str | None = None) -> list[Run]:
+        return self._b.list_runs(project=project)
+
+    def get(self, run_id: str) -> Run:
+        return self._b.get_run(run_id)
+
+
+class ModelsClient(_Resource):
+    def register(
+        self,
+        name: str,
+        *,
+        run_id: str,
+        artifact_path: str,
+        description: str = "",
+        project: str | None = None,
+    ) -> ModelVersion:
+        return self._b.register_model_version(
+            project=self._project(project),
+            model=name,
+            run_id=run_id,
+            artifact_path=artifact_path,
+            description=description,
+        )
+
+    def get(
+        self, name: str, ref: str | int = "latest", *, project: str | None = None
+    ) -> ModelVersion:
+        return self._b.get_model_version(project=self._project(project), model=name, ref=ref)
+
+    def list(self, *, project: str | None = None) -> list[RegisteredModel]:
+        return self._b.list_models(project=self._project(project))
+
+    def versions(self, name: str, *, project: str | None = None) -> list[ModelVersion]:
+        return self._b.list_model_versions(project=self._project(project), model=name)
+
+    def set_alias(
+        self, name: str, alias: str, version: int | str, *, project: str | None = None
+    ) -> ModelVersion:
+        return self._b.set_alias(
+            project=self._project(project), model=name, alias=alias, version=version
+        )
+
+
+class JobsClient(_Resource):
+    def submit(
+        self,
+        command: list[str],
+        *,
+        code_dir: str | Path | None = None,
+        cpus: float = 1.0,
+        memory_mb: int = 512,
+        gpus: int = 0,
+        priority: int = 0,
+        max_runtime_s: float | None = None,
+        env: dict[str, str] | None = None,
+        name: str | None = None,
+        project: str | None = None,
+        run_id: str | None = None,
+    ) -> Job:
+        spec = JobSpec(
+            command=command,
+            env=env or {},
+            resources=Resources(cpus=cpus, memory_mb=memory_mb, gpus=gpus),
+            priority=priority,
+            max_runtime_s=max_runtime_s,
+            name=name,
+        )
+        return self._b.submit_job(
+            project=self._project(project),
+            spec=spec,
+            code_dir=Path(code_dir) if code_dir else None,
+            run_id=run_id,
+        )
+
+    def list(self, *, project: str | None = None, status: JobStatus | None = None) -> list[Job]:
+        return self._b.list_jobs(project=project, status=status)
+
+    def get(self, job_id: str) -> Job:
+        return self._b.get_job(job_id)
+
+    def cancel(self, job_id: str) -> Job:
+        return self._b.cancel_job(job_id)
+
+    def logs(self, job_id: str, *, offset: int = 0) -> tuple[str, int, bool]:
+        return self._b.read_logs(job_id, offset=offset)
+
+
+class DeploymentsClient(_Resource):
+    def create(
+        self,
+        name: str,
+        *,
+        model: str,
+        ref: str = "production",
+        max_batch_size: int = 32,
+        max_wait_ms: float = 5.0,
+        project: str | None = None,
+    ) -> Deployment:
+        return self._b.deploy(
+            project=self._project(project),
+            name=name,
+            model=model,
+            ref=ref,
+            max_batch_size=max_batch_size,
+            max_wait_ms=max_wait_ms,
+        )
+
+    def list(self, *, project: str | None = None) -> list[Deployment]:
+        return self._b.list_deployments(project=self._project(project))
+
+    def get(self, name: str, *, project: str | None = None) -> Deployment:
+        return self._b.get_deployment(project=self._project(project), name=name)
+
+    def stop(self, name: str, *, project: str | None = None) -> Deployment:
+        return self._b.stop_deployment(project=self._project(project), name=name)

@@ -1,0 +1,393 @@
+"""The HTTP backend: the REST API of a shipyard server, over httpx.
+
+Blobs travel separately from metadata: a dataset commit hashes files locally, uploads only the
+blobs the server lacks (``HEAD`` first, so re-committing unchanged data sends nothing), then
+posts the manifest. Every response body is validated into the domain models, and every error
+body is turned back into the exception the service raised.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+from pydantic import BaseModel, TypeAdapter
+
+from shipyard.blobs import hash_bytes, hash_file
+from shipyard.client.backend import Backend, Progress
+from shipyard.compute.snapshot import snapshot_code
+from shipyard.domain.models import (
+    AliasEvent,
+    Artifact,
+    AuditEvent,
+    Dataset,
+    DatasetVersion,
+    Deployment,
+    FileEntry,
+    Job,
+    JobSpec,
+    JobStatus,
+    LineageEdge,
+    MetricPoint,
+    ModelVersion,
+    RegisteredModel,
+    Run,
+    RunStatus,
+)
+from shipyard.domain.names import validate_name, validate_relative_path
+from shipyard.errors import BackendError, IntegrityError, NotFoundError, error_from_dict
+from shipyard.schemas import (
+    AddRunInputRequest,
+    CommitDatasetRequest,
+    CreateDeploymentRequest,
+    CreateRunRequest,
+    FinishRunRequest,
+    JobLogsResponse,
+    LogArtifactRequest,
+    LogBatchRequest,
+    LogBatchResponse,
+    RegisterModelVersionRequest,
+    SetAliasRequest,
+    SubmitJobRequest,
+)
+from shipyard.security.paths import walk_files
+
+M = TypeVar("M", bound=BaseModel)
+API = "/api/v1"
+
+
+class HttpBackend(Backend):
+    def __init__(
+        self,
+        url: str,
+        *,
+        token: str | None = None,
+        transport: httpx.BaseTransport | None = None,
+        timeout: float = 120.0,
+    ) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.url = url.rstrip("/")
+        self._http = httpx.Client(
+            base_url=self.url, headers=headers, transport=transport, timeout=timeout
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    # --- plumbing ------------------------------------------------------------------------------
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise BackendError(
+                f"cannot reach the shipyard server at {self.url} ({exc}); is 'shipyard server' "
+                "running there, and is SHIPYARD_URL right?"
+            ) from None
+        if response.status_code >= 400 and method != "HEAD":
+            try:
+                body = response.json()
+            except ValueError:
+                body = {"message": response.text[:500]}
+            if not isinstance(body, dict):
+                body = {"message": str(body)}
+            raise error_from_dict(body, status=response.status_code)
+        return response
+
+    def _json(self, method: str, path: str, model: type[M], **kwargs: Any) -> M:
+        return model.model_validate(self._request(method, path, **kwargs).json())
+
+    def _list(self, path: str, model: type[M], **params: Any) -> list[M]:
+        data = self._request("GET", path, params=_clean(params)).json()
+        return TypeAdapter(list[model]).validate_python(data)  # type: ignore[valid-type]
+
+    def _put_blob(self, local: Path, digest: str | None = None) -> tuple[str, int]:
+        digest = digest or hash_file(local)
+        size = local.stat().st_size
+        if self._request("HEAD", f"{API}/blobs/{digest}").status_code != 200:
+            with open(local, "rb") as fh:
+                self._request(
+                    "PUT",
+                    f"{API}/blobs/{digest}",
+                    content=fh,
+                    headers={"Content-Type": "application/octet-stream"},
+                )
+        return digest, size
+
+    # --- datasets ------------------------------------------------------------------------------
+
+    def commit_dataset(
+        self,
+        *,
+        project: str,
+        name: str,
+        source: Path,
+        message: str = "",
+        progress: Progress | None = None,
+    ) -> DatasetVersion:
+        source = Path(source)
+        if not source.exists():
+            raise NotFoundError(f"{source} does not exist", field="source")
+        files = [(source.name, source)] if source.is_file() else list(walk_files(source))
+        total = sum(p.stat().st_size for _, p in files)
+        entries: list[FileEntry] = []
+        done = 0
+        for rel, local in files:
+            digest, size = self._put_blob(local)
+            entries.append(FileEntry(path=rel, digest=digest, size=size))
+            done += size
+            if progress:
+                progress(done, total, rel)
+        body = CommitDatasetRequest(project=project, files=entries, message=message)
+        return self._json(
+            "POST",
+            f"{API}/datasets/{_seg(name)}/versions",
+            DatasetVersion,
+            json=body.model_dump(mode="json"),
+        )
+
+    def list_datasets(self, *, project: str) -> list[Dataset]:
+        return self._list(f"{API}/datasets", Dataset, project=project)
+
+    def list_dataset_versions(self, *, project: str, name: str) -> list[DatasetVersion]:
+        return self._list(f"{API}/datasets/{_seg(name)}/versions", DatasetVersion, project=project)
+
+    def get_dataset_version(
+        self, *, project: str, name: str, version: int | str | None = None
+    ) -> DatasetVersion:
+        ref = "latest" if version is None else version
+        return self._json(
+            "GET",
+            f"{API}/datasets/{_seg(name)}/versions/{ref}",
+            DatasetVersion,
+            params={"project": project},
+        )
+
+    def list_dataset_files(self, *, project: str, name: str, version: int) -> list[FileEntry]:
+        return self._list(
+            f"{API}/datasets/{_seg(name)}/versions/{version}/files", FileEntry, project=project
+        )
+
+    def read_blob(self, digest: str) -> bytes:
+        data = self._request("GET", f"{API}/blobs/{digest}").content
+        if hash_bytes(data) != digest:
+            raise IntegrityError(f"blob {digest} arrived corrupted; try again", digest=digest)
+        return data
+
+    # --- runs ----------------------------------------------------------------------------------
+
+    def create_run(
+        self,
+        *,
+        project: str,
+        name: str | None = None,
+        params: dict[str, str] | None = None,
+        tags: dict[str, str] | None = None,
+        job_id: str | None = None,
+    ) -> Run:
+        body = CreateRunRequest(
+            project=project, name=name, params=params or {}, tags=tags or {}, job_id=job_id
+        )
+        return self._json("POST", f"{API}/runs", Run, json=body.model_dump(mode="json"))
+
+    def get_run(self, run_id: str) -> Run:
+        return self._json("GET", f"{API}/runs/{_seg(run_id, 'run_id')}", Run)
+
+    def list_runs(self, *, project: str | None = None) -> list[Run]:
+        return self._list(f"{API}/runs", Run, project=project)
+
+    def log_batch(
+        self,
+        run_id: str,
+        *,
+        metrics: list[MetricPoint],
+        params: dict[str, str] | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> int:
+        body = LogBatchRequest(metrics=metrics, params=params or {}, tags=tags or {})
+        return self._json(
+            "POST",
+            f"{API}/runs/{_seg(run_id, 'run_id')}/log-batch",
+            LogBatchResponse,
+            json=body.model_dump(mode="json"),
+        ).stored
+
+    def finish_run(self, run_id: str, *, status: RunStatus = RunStatus.FINISHED) -> Run:
+        return self._json(
+            "PATCH",
+            f"{API}/runs/{_seg(run_id, 'run_id')}",
+            Run,
+            json=FinishRunRequest(status=status).model_dump(mode="json"),
+        )
+
+    def metric_history(self, run_id: str, *, key: str) -> list[MetricPoint]:
+        return self._list(f"{API}/runs/{_seg(run_id, 'run_id')}/metrics", MetricPoint, key=key)
+
+    def log_artifact(self, run_id: str, *, path: str, local_file: Path) -> Artifact:
+        validate_relative_path(path, field="path")
+        digest, size = self._put_blob(Path(local_file))
+        body = LogArtifactRequest(path=path, digest=digest, size=size)
+        return self._json(
+            "POST",
+            f"{API}/runs/{_seg(run_id, 'run_id')}/artifacts",
+            Artifact,
+            json=body.model_dump(mode="json"),
+        )
+
+    def add_run_input(self, run_id: str, *, project: str, dataset: str, version: int) -> None:
+        body = AddRunInputRequest(project=project, dataset=dataset, version=version)
+        self._request(
+            "POST", f"{API}/runs/{_seg(run_id, 'run_id')}/inputs", json=body.model_dump(mode="json")
+        )
+
+    # --- models --------------------------------------------------------------------------------
+
+    def register_model_version(
+        self,
+        *,
+        project: str,
+        model: str,
+        run_id: str | None,
+        artifact_path: str | None,
+        description: str = "",
+    ) -> ModelVersion:
+        body = RegisterModelVersionRequest(
+            project=project, run_id=run_id, artifact_path=artifact_path, description=description
+        )
+        return self._json(
+            "POST",
+            f"{API}/models/{_seg(model, 'model')}/versions",
+            ModelVersion,
+            json=body.model_dump(mode="json"),
+        )
+
+    def get_model_version(
+        self, *, project: str, model: str, ref: str | int = "latest"
+    ) -> ModelVersion:
+        return self._json(
+            "GET",
+            f"{API}/models/{_seg(model, 'model')}/versions/{ref}",
+            ModelVersion,
+            params={"project": project},
+        )
+
+    def list_models(self, *, project: str) -> list[RegisteredModel]:
+        return self._list(f"{API}/models", RegisteredModel, project=project)
+
+    def list_model_versions(self, *, project: str, model: str) -> list[ModelVersion]:
+        return self._list(
+            f"{API}/models/{_seg(model, 'model')}/versions", ModelVersion, project=project
+        )
+
+    def set_alias(
+        self, *, project: str, model: str, alias: str, version: int | str
+    ) -> ModelVersion:
+        body = SetAliasRequest(project=project, version=version)
+        return self._json(
+            "PUT",
+            f"{API}/models/{_seg(model, 'model')}/aliases/{_seg(alias, 'alias')}",
+            ModelVersion,
+            json=body.model_dump(mode="json"),
+        )
+
+    def alias_history(self, *, project: str, model: str) -> list[AliasEvent]:
+        return self._list(
+            f"{API}/models/{_seg(model, 'model')}/alias-history", AliasEvent, project=project
+        )
+
+    # --- jobs ----------------------------------------------------------------------------------
+
+    def submit_job(
+        self,
+        *,
+        project: str,
+        spec: JobSpec,
+        code_dir: Path | None = None,
+        run_id: str | None = None,
+    ) -> Job:
+        code_digest = None
+        if code_dir is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                archive = Path(tmp) / "code.tar.gz"
+                archive.write_bytes(snapshot_code(Path(code_dir)))
+                code_digest, _ = self._put_blob(archive)
+        body = SubmitJobRequest(project=project, spec=spec, code_digest=code_digest, run_id=run_id)
+        return self._json("POST", f"{API}/jobs", Job, json=body.model_dump(mode="json"))
+
+    def list_jobs(
+        self, *, project: str | None = None, status: JobStatus | None = None
+    ) -> list[Job]:
+        return self._list(
+            f"{API}/jobs", Job, project=project, status=status.value if status else None
+        )
+
+    def get_job(self, job_id: str) -> Job:
+        return self._json("GET", f"{API}/jobs/{_seg(job_id, 'job_id')}", Job)
+
+    def cancel_job(self, job_id: str) -> Job:
+        return self._json("POST", f"{API}/jobs/{_seg(job_id, 'job_id')}/cancel", Job)
+
+    def read_logs(self, job_id: str, *, offset: int = 0) -> tuple[str, int, bool]:
+        logs = self._json(
+            "GET",
+            f"{API}/jobs/{_seg(job_id, 'job_id')}/logs",
+            JobLogsResponse,
+            params={"offset": offset},
+        )
+        return logs.data, logs.offset, logs.finished
+
+    # --- deployments ---------------------------------------------------------------------------
+
+    def deploy(
+        self,
+        *,
+        project: str,
+        name: str,
+        model: str,
+        ref: str = "production",
+        max_batch_size: int = 32,
+        max_wait_ms: float = 5.0,
+    ) -> Deployment:
+        body = CreateDeploymentRequest(
+            project=project,
+            name=name,
+            model=model,
+            ref=ref,
+            max_batch_size=max_batch_size,
+            max_wait_ms=max_wait_ms,
+        )
+        return self._json(
+            "POST", f"{API}/deployments", Deployment, json=body.model_dump(mode="json")
+        )
+
+    def list_deployments(self, *, project: str) -> list[Deployment]:
+        return self._list(f"{API}/deployments", Deployment, project=project)
+
+    def get_deployment(self, *, project: str, name: str) -> Deployment:
+        return self._json(
+            "GET", f"{API}/deployments/{_seg(name)}", Deployment, params={"project": project}
+        )
+
+    def stop_deployment(self, *, project: str, name: str) -> Deployment:
+        return self._json(
+            "POST", f"{API}/deployments/{_seg(name)}/stop", Deployment, params={"project": project}
+        )
+
+    # --- governance ----------------------------------------------------------------------------
+
+    def lineage(self, *, kind: str, id: str) -> list[LineageEdge]:
+        return self._list(f"{API}/lineage/{_seg(kind, 'kind')}/{_seg(id, 'id')}", LineageEdge)
+
+    def audit_events(self, *, after: int = 0, limit: int = 100) -> list[AuditEvent]:
+        return self._list(f"{API}/audit", AuditEvent, after=after, limit=limit)
+
+
+def _clean(params: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def _seg(value: str | int, field: str = "name") -> str:
+    """A name that goes into a URL path: validated so it can never change the route."""
+    return validate_name(str(value), field=field)

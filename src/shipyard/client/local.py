@@ -1,0 +1,227 @@
+"""The embedded backend: services called in-process on ``$SHIPYARD_HOME``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from shipyard.client.backend import Backend, Progress
+from shipyard.compute import jobs
+from shipyard.context import Context
+from shipyard.data import datasets
+from shipyard.domain.models import (
+    AliasEvent,
+    Artifact,
+    AuditEvent,
+    Dataset,
+    DatasetVersion,
+    Deployment,
+    FileEntry,
+    Job,
+    JobSpec,
+    JobStatus,
+    LineageEdge,
+    MetricPoint,
+    ModelVersion,
+    RegisteredModel,
+    Run,
+    RunStatus,
+)
+from shipyard.domain.names import validate_relative_path
+from shipyard.security import audit
+from shipyard.serving import deployments
+from shipyard.store.queries import edges_of
+from shipyard.tracking import registry, runs
+
+
+class LocalBackend(Backend):
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    # datasets
+    def commit_dataset(
+        self,
+        *,
+        project: str,
+        name: str,
+        source: Path,
+        message: str = "",
+        progress: Progress | None = None,
+    ) -> DatasetVersion:
+        return datasets.commit_directory(
+            self.ctx,
+            project=project,
+            name=name,
+            source=Path(source),
+            message=message,
+            progress=progress,
+        )
+
+    def list_datasets(self, *, project: str) -> list[Dataset]:
+        return datasets.list_datasets(self.ctx, project=project)
+
+    def list_dataset_versions(self, *, project: str, name: str) -> list[DatasetVersion]:
+        return datasets.list_versions(self.ctx, project=project, name=name)
+
+    def get_dataset_version(
+        self, *, project: str, name: str, version: int | str | None = None
+    ) -> DatasetVersion:
+        return datasets.get_version(self.ctx, project=project, name=name, version=version)
+
+    def list_dataset_files(self, *, project: str, name: str, version: int) -> list[FileEntry]:
+        return datasets.list_files(self.ctx, project=project, name=name, version=version)
+
+    def read_blob(self, digest: str) -> bytes:
+        return self.ctx.blobs.get_bytes(digest)
+
+    # runs
+    def create_run(
+        self,
+        *,
+        project: str,
+        name: str | None = None,
+        params: dict[str, str] | None = None,
+        tags: dict[str, str] | None = None,
+        job_id: str | None = None,
+    ) -> Run:
+        return runs.create_run(
+            self.ctx, project=project, name=name, params=params, tags=tags, job_id=job_id
+        )
+
+    def get_run(self, run_id: str) -> Run:
+        return runs.get_run(self.ctx, run_id=run_id)
+
+    def list_runs(self, *, project: str | None = None) -> list[Run]:
+        return runs.list_runs(self.ctx, project=project)
+
+    def log_batch(
+        self,
+        run_id: str,
+        *,
+        metrics: list[MetricPoint],
+        params: dict[str, str] | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> int:
+        return runs.log_batch(self.ctx, run_id=run_id, metrics=metrics, params=params, tags=tags)
+
+    def finish_run(self, run_id: str, *, status: RunStatus = RunStatus.FINISHED) -> Run:
+        return runs.finish_run(self.ctx, run_id=run_id, status=status)
+
+    def metric_history(self, run_id: str, *, key: str) -> list[MetricPoint]:
+        return runs.metric_history(self.ctx, run_id=run_id, key=key)
+
+    def log_artifact(self, run_id: str, *, path: str, local_file: Path) -> Artifact:
+        validate_relative_path(path, field="path")
+        stored = self.ctx.blobs.put_file(local_file)
+        return runs.log_artifact(
+            self.ctx, run_id=run_id, path=path, digest=stored.digest, size=stored.size
+        )
+
+    def add_run_input(self, run_id: str, *, project: str, dataset: str, version: int) -> None:
+        runs.add_input(self.ctx, run_id=run_id, project=project, dataset=dataset, version=version)
+
+    # models
+    def register_model_version(
+        self,
+        *,
+        project: str,
+        model: str,
+        run_id: str | None,
+        artifact_path: str | None,
+        description: str = "",
+    ) -> ModelVersion:
+        return registry.register_version(
+            self.ctx,
+            project=project,
+            model=model,
+            run_id=run_id,
+            artifact_path=artifact_path,
+            description=description,
+        )
+
+    def get_model_version(
+        self, *, project: str, model: str, ref: str | int = "latest"
+    ) -> ModelVersion:
+        return registry.get_version(self.ctx, project=project, model=model, ref=ref)
+
+    def list_models(self, *, project: str) -> list[RegisteredModel]:
+        return registry.list_models(self.ctx, project=project)
+
+    def list_model_versions(self, *, project: str, model: str) -> list[ModelVersion]:
+        return registry.list_versions(self.ctx, project=project, model=model)
+
+    def set_alias(
+        self, *, project: str, model: str, alias: str, version: int | str
+    ) -> ModelVersion:
+        return registry.set_alias(
+            self.ctx, project=project, model=model, alias=alias, version=version
+        )
+
+    def alias_history(self, *, project: str, model: str) -> list[AliasEvent]:
+        return registry.alias_history(self.ctx, project=project, model=model)
+
+    # jobs
+    def submit_job(
+        self,
+        *,
+        project: str,
+        spec: JobSpec,
+        code_dir: Path | None = None,
+        run_id: str | None = None,
+    ) -> Job:
+        return jobs.submit_job(
+            self.ctx, project=project, spec=spec, code_dir=code_dir, run_id=run_id
+        )
+
+    def list_jobs(
+        self, *, project: str | None = None, status: JobStatus | None = None
+    ) -> list[Job]:
+        return jobs.list_jobs(self.ctx, project=project, status=status)
+
+    def get_job(self, job_id: str) -> Job:
+        return jobs.get_job(self.ctx, job_id=job_id)
+
+    def cancel_job(self, job_id: str) -> Job:
+        return jobs.cancel_job(self.ctx, job_id=job_id)
+
+    def read_logs(self, job_id: str, *, offset: int = 0) -> tuple[str, int, bool]:
+        data, new_offset, finished = jobs.read_logs(self.ctx, job_id=job_id, offset=offset)
+        return data.decode("utf-8", errors="replace"), new_offset, finished
+
+    # deployments
+    def deploy(
+        self,
+        *,
+        project: str,
+        name: str,
+        model: str,
+        ref: str = "production",
+        max_batch_size: int = 32,
+        max_wait_ms: float = 5.0,
+    ) -> Deployment:
+        return deployments.deploy(
+            self.ctx,
+            project=project,
+            name=name,
+            model=model,
+            ref=ref,
+            max_batch_size=max_batch_size,
+            max_wait_ms=max_wait_ms,
+        )
+
+    def list_deployments(self, *, project: str) -> list[Deployment]:
+        return deployments.list_deployments(self.ctx, project=project)
+
+    def get_deployment(self, *, project: str, name: str) -> Deployment:
+        return deployments.get_deployment(self.ctx, project=project, name=name)
+
+    def stop_deployment(self, *, project: str, name: str) -> Deployment:
+        return deployments.stop_deployment(self.ctx, project=project, name=name)
+
+    # governance
+    def lineage(self, *, kind: str, id: str) -> list[LineageEdge]:
+        with self.ctx.db.read() as s:
+            return edges_of(s, kind=kind, id=id)
+
+    def audit_events(self, *, after: int = 0, limit: int = 100) -> list[AuditEvent]:
+        with self.ctx.db.read() as s:
+            return audit.list_events(s, after=after, limit=limit)
