@@ -10,11 +10,11 @@ from typing import TypeVar
 
 import pytest
 
-T = TypeVar("T")
-
 from shipyard.context import Context, open_context
 from shipyard.settings import Settings
 from shipyard.store.engine import forget_database
+
+T = TypeVar("T")
 
 
 @pytest.fixture
@@ -45,8 +45,13 @@ def home_env(home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return home
 
 
-def wait_for(predicate: Callable[[], T], *, timeout: float = 30.0, interval: float = 0.05,
-                what: str = "condition") -> T:
+def wait_for(
+    predicate: Callable[[], T],
+    *,
+    timeout: float = 30.0,
+    interval: float = 0.05,
+    what: str = "condition",
+) -> T:
     """Poll ``predicate`` until it returns something truthy; fail the test after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
@@ -59,3 +64,91 @@ def wait_for(predicate: Callable[[], T], *, timeout: float = 30.0, interval: flo
 
 
 os.environ.setdefault("SHIPYARD_TEST", "1")
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A throwaway PostgreSQL server for the session (see tests/pg.py); yields its database URL.
+
+    Skips where PostgreSQL is not installed, except in CI (CI=true), where that is a failure.
+    """
+    from tests.pg import PostgresServer, PostgresUnavailable
+
+    server = PostgresServer(database="shipyard_test")
+    try:
+        server.start()
+    except PostgresUnavailable as exc:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI needs PostgreSQL: {exc}", pytrace=False)
+        pytest.skip(str(exc))
+    try:
+        yield server.url()
+    finally:
+        server.stop()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class LiveServer:
+    """A real ``python -m shipyard.server`` process on 127.0.0.1."""
+
+    def __init__(
+        self, home: Path, *, auth: bool = False, env: dict[str, str] | None = None
+    ) -> None:
+        import subprocess
+        import sys
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = home.parent / f"server-{self.port}.log"
+        command = [
+            sys.executable,
+            "-m",
+            "shipyard.server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+        ]
+        if auth:
+            command.append("--auth")
+        full_env = {**os.environ, "SHIPYARD_HOME": str(home), **(env or {})}
+        full_env.pop("SHIPYARD_URL", None)
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen(
+                command, env=full_env, stdout=log, stderr=subprocess.STDOUT
+            )
+        import httpx
+
+        def ready() -> bool:
+            if self.process.poll() is not None:
+                pytest.fail(f"server exited early:\n{self.log.read_text()}")
+            try:
+                return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(ready, timeout=60, what="server /healthz")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=15)
+        except Exception:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture
+def live_server(tmp_path: Path) -> Iterator[LiveServer]:
+    home = tmp_path / "server-home"
+    home.mkdir()
+    server = LiveServer(home)
+    yield server
+    server.stop()
