@@ -1,0 +1,1 @@
+"""The data plane: versioned, content-addressed datasets (``datasets``)."""
