@@ -7,7 +7,6 @@ datatypes, shapes) is taken from the graph itself, so serving can validate reque
 
 from __future__ import annotations
 
-from shipyard.serving.runtime import signature_from_onnx
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -27,6 +26,7 @@ from shipyard.store.tables import (
     aware,
     utcnow,
 )
+from shipyard.tracking.formats import signature_from_onnx
 from shipyard.tracking.runs import latest_metrics
 
 SUPPORTED_FORMATS = ("onnx",)
