@@ -3,6 +3,7 @@ give the same results (ids and timestamps aside)."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -101,4 +102,34 @@ def test_embedded_and_server_give_the_same_results(tmp_path: Path, live_server: 
         ("InvalidInputError", "name"),
     ]
     assert remote_result == local_result
+    remote.close()
+
+
+@pytest.mark.slow
+def test_remote_job_runs_uploaded_code_and_tracks_its_run(
+    tmp_path: Path, live_server: LiveServer
+) -> None:
+    """``shipyard run`` against a server: the code travels as a blob, the job attaches its run."""
+    from shipyard.demo.lifecycle import follow_job
+    from shipyard.domain.models import JobStatus, RunStatus
+
+    remote = Client(settings=Settings(home=tmp_path / "unused", url=live_server.url))
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "train.py").write_text(
+        "import shipyard\n"
+        "with shipyard.init() as run:\n"
+        "    for i in range(5):\n"
+        "        run.log({'loss': 1.0 / (i + 1)}, step=i)\n"
+        "print('trained', run.id)\n"
+    )
+    run = remote.backend.create_run(project="default", name="remote-train")
+    job = remote.jobs.submit([sys.executable, "train.py"], code_dir=code, run_id=run.id)
+    lines: list[str] = []
+    done = follow_job(remote, job.id, on_line=lines.append, timeout=120)
+    assert done.status == JobStatus.SUCCEEDED, (done.message, lines)
+    assert f"trained {run.id}" in lines
+    tracked = remote.runs.get(run.id)
+    assert tracked.status == RunStatus.FINISHED and tracked.job_id == job.id
+    assert tracked.metrics == {"loss": pytest.approx(0.2)}
     remote.close()

@@ -16,6 +16,7 @@ from typing import Annotated, Any
 import httpx
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 from rich.table import Table
 
@@ -84,10 +85,10 @@ class RichReporter(Reporter):
         console.rule(f"[bold cyan]{title}")
 
     def info(self, text: str) -> None:
-        console.print(f"  {text}", highlight=False)
+        console.print(f"  {text}", highlight=False, soft_wrap=True)
 
     def log_line(self, text: str) -> None:
-        console.print(f"  [dim]job |[/dim] {text}", highlight=False)
+        console.print(f"  [dim]job |[/dim] {text}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -513,7 +514,7 @@ def main() -> None:
         app()
     except ShipyardError as exc:
         field = f" [{exc.field}]" if exc.field else ""
-        err.print(f"[red]error{field}:[/red] {exc.message}", highlight=False)
+        err.print(f"[red]error{escape(field)}:[/red] {escape(exc.message)}", highlight=False)
         sys.exit(1)
 
 

@@ -8,6 +8,7 @@ from shipyard.client.backend import Backend, Progress
 from shipyard.compute import jobs
 from shipyard.context import Context
 from shipyard.data import datasets
+from shipyard.data import lineage as lineage_service
 from shipyard.domain.models import (
     AliasEvent,
     Artifact,
@@ -29,7 +30,6 @@ from shipyard.domain.models import (
 from shipyard.domain.names import validate_relative_path
 from shipyard.security import audit
 from shipyard.serving import deployments
-from shipyard.store.queries import edges_of
 from shipyard.tracking import registry, runs
 
 
@@ -219,9 +219,7 @@ class LocalBackend(Backend):
 
     # governance
     def lineage(self, *, kind: str, id: str) -> list[LineageEdge]:
-        with self.ctx.db.read() as s:
-            return edges_of(s, kind=kind, id=id)
+        return lineage_service.lineage(self.ctx, kind=kind, id=id)
 
     def audit_events(self, *, after: int = 0, limit: int = 100) -> list[AuditEvent]:
-        with self.ctx.db.read() as s:
-            return audit.list_events(s, after=after, limit=limit)
+        return audit.list_audit_events(self.ctx, after=after, limit=limit)

@@ -132,6 +132,7 @@ def submit_job(
                     "or leave run_id out",
                     field="run_id",
                 )
+            run.job_id = job_id
         s.add(
             JobRow(
                 id=job_id,
@@ -537,12 +538,15 @@ def _finish_row(
         row.exit_code = exit_code
     if usage is not None:
         row.usage = usage.model_dump()
-    if row.run_id is not None and status is not JobStatus.SUCCEEDED:
+    if row.run_id is not None:
+        # The job's process normally finishes its own run (shipyard.init() does at exit); this
+        # settles a run the process left open, e.g. a script that never called init().
         run = s.get(RunRow, row.run_id)
         if run is not None and run.status == RunStatus.RUNNING.value:
-            run.status = (
-                RunStatus.KILLED.value if status is JobStatus.CANCELLED else RunStatus.FAILED.value
-            )
+            run.status = {
+                JobStatus.SUCCEEDED: RunStatus.FINISHED,
+                JobStatus.CANCELLED: RunStatus.KILLED,
+            }.get(status, RunStatus.FAILED).value
             run.finished_at = row.finished_at
 
 

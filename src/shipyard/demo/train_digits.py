@@ -9,8 +9,10 @@ exported to ONNX with a dynamic batch dimension and logged as the run's ``model.
 from __future__ import annotations
 
 import argparse
+import logging
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +124,10 @@ class Scale(nn.Module):
 
 
 def export_onnx(model: nn.Module, path: Path) -> None:
+    # The exporter logs about optional torchvision ops and its own deprecations; neither matters
+    # for this model, and they would bury the job's log.
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
     model.eval()
     example = torch.zeros(2, FEATURES)
     batch = torch.export.Dim("batch", min=1, max=65536)

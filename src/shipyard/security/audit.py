@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from shipyard.context import Context
 from shipyard.domain.models import AuditEvent
 from shipyard.store.engine import lock
 from shipyard.store.tables import AuditEventRow, aware, utcnow
@@ -23,7 +24,12 @@ GENESIS = "0" * 64
 
 
 def record(
-    session: Session, *, actor: str, action: str, resource: str, details: dict[str, Any] | None = None
+    session: Session,
+    *,
+    actor: str,
+    action: str,
+    resource: str,
+    details: dict[str, Any] | None = None,
 ) -> None:
     """Append an audit event inside the caller's (write) transaction."""
     lock(session, "audit")
@@ -42,7 +48,10 @@ def record(
 
 def list_events(session: Session, *, limit: int = 100, after: int = 0) -> list[AuditEvent]:
     rows = session.scalars(
-        select(AuditEventRow).where(AuditEventRow.seq > after).order_by(AuditEventRow.seq).limit(limit)
+        select(AuditEventRow)
+        .where(AuditEventRow.seq > after)
+        .order_by(AuditEventRow.seq)
+        .limit(limit)
     )
     return [_to_domain(r) for r in rows]
 
@@ -79,3 +88,9 @@ def _to_domain(row: AuditEventRow) -> AuditEvent:
         seq=row.seq, at=at, actor=row.actor, action=row.action, resource=row.resource,
         details=row.details, prev_hash=row.prev_hash, hash=row.hash,
     )
+
+
+def list_audit_events(ctx: Context, *, after: int = 0, limit: int = 100) -> list[AuditEvent]:
+    """Audit events with ``seq > after``, oldest first: the service behind ``GET /audit``."""
+    with ctx.db.read() as s:
+        return list_events(s, after=after, limit=limit)

@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -43,6 +43,11 @@ class _Pending:
 
 class Batcher:
     """Queue requests and run them through ``predict`` in adaptive batches.
+
+    A batch is the first waiting request plus whatever is already queued. It waits up to
+    ``max_wait_ms`` for more only while callers have *announced* requests that are still on their
+    way (being read and decoded; see :meth:`arriving`): a lone request never waits, so batching
+    costs nothing at low load, and under load the batch fills while the model is busy.
 
     Start it inside the event loop that will call :meth:`submit` (``await batcher.start()``), and
     stop it with ``await batcher.stop()``; pending requests are failed on stop, not dropped.
@@ -72,6 +77,16 @@ class Batcher:
         self._held: deque[_Pending] = deque()  # taken from the queue but left for the next batch
         self._current: list[_Pending] = []  # the batch being run
         self._task: asyncio.Task[None] | None = None
+        self._arriving = 0
+
+    @contextlib.contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Mark a request as on its way to :meth:`submit` (wrap its reading and decoding)."""
+        self._arriving += 1
+        try:
+            yield
+        finally:
+            self._arriving -= 1
 
     @property
     def running(self) -> bool:
@@ -140,7 +155,7 @@ class Batcher:
                     item = self._queue.get_nowait()
                 except asyncio.QueueEmpty:
                     remaining = deadline - loop.time()
-                    if remaining <= 0:
+                    if remaining <= 0 or self._arriving == 0:
                         break
                     try:
                         item = await asyncio.wait_for(self._queue.get(), remaining)

@@ -19,5 +19,4 @@ def list_events(
     after: Annotated[int, Query(ge=0, description="Only events with a larger seq.")] = 0,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
 ) -> list[AuditEvent]:
-    with ctx.db.read() as s:
-        return audit_log.list_events(s, after=after, limit=limit)
+    return audit_log.list_audit_events(ctx, after=after, limit=limit)

@@ -9,7 +9,6 @@ from fastapi import APIRouter, Query
 
 from shipyard.compute import jobs
 from shipyard.domain.models import Job, JobStatus
-from shipyard.errors import InvalidInputError
 from shipyard.schemas import JobLogsResponse, SubmitJobRequest
 from shipyard.server.deps import API_PREFIX, Ctx, OptionalProject
 
@@ -18,15 +17,9 @@ router = APIRouter(prefix=f"{API_PREFIX}/jobs", tags=["jobs"])
 
 @router.post("", status_code=201)
 def submit_job(body: SubmitJobRequest, ctx: Ctx) -> Job:
-    if body.code_digest is not None:
-        # The service snapshots a local folder (code_dir); it has no way yet to take a snapshot
-        # that a remote client uploaded as a blob. Refuse clearly rather than run without code.
-        raise InvalidInputError(
-            "this server cannot yet run a job from an uploaded code snapshot (code_digest); "
-            "submit the job on the server host, or leave code_digest out",
-            field="code_digest",
-        )
-    return jobs.submit_job(ctx, project=body.project, spec=body.spec, run_id=body.run_id)
+    return jobs.submit_job(
+        ctx, project=body.project, spec=body.spec, run_id=body.run_id, code_digest=body.code_digest
+    )
 
 
 @router.get("")

@@ -1,7 +1,4 @@
 """Lineage (``/lineage/{kind}/{id}``): every edge that touches one node, in either direction.
-
-There is no lineage service module yet, so this reads through ``store.queries.edges_of`` in one
-read transaction; when one exists (``data/lineage.py``), this becomes a one-line call to it.
 """
 
 from __future__ import annotations
@@ -10,9 +7,9 @@ from typing import Literal
 
 from fastapi import APIRouter
 
+from shipyard.data import lineage as lineage_service
 from shipyard.domain.models import LineageEdge
 from shipyard.server.deps import API_PREFIX, Ctx
-from shipyard.store.queries import edges_of
 
 router = APIRouter(prefix=f"{API_PREFIX}/lineage", tags=["lineage"])
 
@@ -21,5 +18,4 @@ Kind = Literal["dataset_version", "run", "model_version", "deployment", "job"]
 
 @router.get("/{kind}/{id}")
 def lineage(kind: Kind, id: str, ctx: Ctx) -> list[LineageEdge]:
-    with ctx.db.read() as s:
-        return edges_of(s, kind=kind, id=id)
+    return lineage_service.lineage(ctx, kind=kind, id=id)
