@@ -20,6 +20,7 @@ How the pieces meet (nothing has to be started by hand):
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import posixpath
@@ -422,6 +423,17 @@ def supervisor_env(ctx: Context) -> dict[str, str]:
 
 _children: dict[int, subprocess.Popen[bytes]] = {}
 _children_lock = threading.Lock()
+
+
+@atexit.register
+def _release_children() -> None:
+    """Detached children outlive us by design (init reparents and reaps them); drop our handles
+    so Popen does not warn that they are still running when this process exits."""
+    with _children_lock:
+        for proc in _children.values():
+            if proc.poll() is None:
+                proc.returncode = 0  # not waited on: it is no longer ours to wait for
+        _children.clear()
 
 
 def _start_supervisor(ctx: Context, job_id: str) -> None:

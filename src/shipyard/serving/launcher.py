@@ -12,6 +12,7 @@ This is the local backend of serving; the deployment service (``deployments``) h
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import signal
@@ -38,6 +39,17 @@ STOP_GRACE_S = 10.0
 # not warn about children still running when its object is collected.
 _children: dict[int, subprocess.Popen[bytes]] = {}
 _children_lock = threading.Lock()
+
+
+@atexit.register
+def _release_children() -> None:
+    """Detached children outlive us by design (init reparents and reaps them); drop our handles
+    so Popen does not warn that they are still running when this process exits."""
+    with _children_lock:
+        for proc in _children.values():
+            if proc.poll() is None:
+                proc.returncode = 0  # not waited on: it is no longer ours to wait for
+        _children.clear()
 
 
 @dataclass(frozen=True)
