@@ -460,7 +460,7 @@ def predict(
     """Send rows to an endpoint (OIP v2) and print the outputs."""
     if (data is None) == (file is None):
         raise InvalidInputError("give exactly one of --data or --file", field="data")
-    payload = json.loads(file.read_text() if file else data)  # type: ignore[arg-type, union-attr]
+    payload = json.loads(file.read_text() if file else data)  # type: ignore[arg-type]
     client = _client()
     dep = client.deployments.get(name, project=project)
     if not dep.url:

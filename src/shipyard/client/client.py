@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import builtins
 import io
 from pathlib import Path
 
@@ -94,10 +95,10 @@ class DatasetsClient(_Resource):
             progress=progress,
         )
 
-    def list(self, *, project: str | None = None) -> list[Dataset]:
+    def list(self, *, project: str | None = None) -> builtins.list[Dataset]:
         return self._b.list_datasets(project=self._project(project))
 
-    def versions(self, name: str, *, project: str | None = None) -> list[DatasetVersion]:
+    def versions(self, name: str, *, project: str | None = None) -> builtins.list[DatasetVersion]:
         return self._b.list_dataset_versions(project=self._project(project), name=name)
 
     def get(
@@ -109,7 +110,7 @@ class DatasetsClient(_Resource):
 
     def files(
         self, name: str, version: int | str | None = None, *, project: str | None = None
-    ) -> list[FileEntry]:
+    ) -> builtins.list[FileEntry]:
         dv = self.get(name, version, project=project)
         return self._b.list_dataset_files(project=dv.project, name=name, version=dv.version)
 
@@ -132,7 +133,7 @@ class DatasetsClient(_Resource):
 
 
 class RunsClient(_Resource):
-    def list(self, *, project: str | None = None) -> list[Run]:
+    def list(self, *, project: str | None = None) -> builtins.list[Run]:
         return self._b.list_runs(project=project)
 
     def get(self, run_id: str) -> Run:
@@ -162,10 +163,10 @@ class ModelsClient(_Resource):
     ) -> ModelVersion:
         return self._b.get_model_version(project=self._project(project), model=name, ref=ref)
 
-    def list(self, *, project: str | None = None) -> list[RegisteredModel]:
+    def list(self, *, project: str | None = None) -> builtins.list[RegisteredModel]:
         return self._b.list_models(project=self._project(project))
 
-    def versions(self, name: str, *, project: str | None = None) -> list[ModelVersion]:
+    def versions(self, name: str, *, project: str | None = None) -> builtins.list[ModelVersion]:
         return self._b.list_model_versions(project=self._project(project), model=name)
 
     def set_alias(
@@ -207,7 +208,9 @@ class JobsClient(_Resource):
             run_id=run_id,
         )
 
-    def list(self, *, project: str | None = None, status: JobStatus | None = None) -> list[Job]:
+    def list(
+        self, *, project: str | None = None, status: JobStatus | None = None
+    ) -> builtins.list[Job]:
         return self._b.list_jobs(project=project, status=status)
 
     def get(self, job_id: str) -> Job:
@@ -240,7 +243,7 @@ class DeploymentsClient(_Resource):
             max_wait_ms=max_wait_ms,
         )
 
-    def list(self, *, project: str | None = None) -> list[Deployment]:
+    def list(self, *, project: str | None = None) -> builtins.list[Deployment]:
         return self._b.list_deployments(project=self._project(project))
 
     def get(self, name: str, *, project: str | None = None) -> Deployment:

@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 from torch import nn
 
@@ -25,7 +26,7 @@ FEATURES = 64
 CLASSES = 10
 
 
-def table_to_arrays(table) -> tuple[np.ndarray, np.ndarray]:
+def table_to_arrays(table: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     x = np.column_stack([table.column(f"p{i}").to_numpy() for i in range(FEATURES)])
     y = table.column("label").to_numpy()
     return x.astype(np.float32), y.astype(np.int64)
