@@ -80,20 +80,44 @@ class PostgresServer:
         if self._as_user:
             shutil.chown(self.tmp, user=_OS_USER)
         self._run(
-            "initdb", "-D", str(self.data_dir), "-U", "postgres", "--auth=trust",
-            "--encoding=UTF8", "--locale=C", "--no-sync", "--no-instructions",
+            "initdb",
+            "-D",
+            str(self.data_dir),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--locale=C",
+            "--no-sync",
+            "--no-instructions",
         )
         last_error = ""
         for _attempt in range(5):  # a free port can be taken between probing and binding
             self.port = _free_port()
-            options = " ".join([
-                "-c listen_addresses=127.0.0.1", f"-p {self.port}", f"-k {self.tmp}",
-                "-c fsync=off", "-c synchronous_commit=off", "-c full_page_writes=off",
-                "-c max_connections=200",
-            ])
+            options = " ".join(
+                [
+                    "-c listen_addresses=127.0.0.1",
+                    f"-p {self.port}",
+                    f"-k {self.tmp}",
+                    "-c fsync=off",
+                    "-c synchronous_commit=off",
+                    "-c full_page_writes=off",
+                    "-c max_connections=200",
+                ]
+            )
             result = self._run(
-                "pg_ctl", "-D", str(self.data_dir), "-l", str(self.log_file), "-w", "-t", "60",
-                "-o", options, "start", check=False,
+                "pg_ctl",
+                "-D",
+                str(self.data_dir),
+                "-l",
+                str(self.log_file),
+                "-w",
+                "-t",
+                "60",
+                "-o",
+                options,
+                "start",
+                check=False,
             )
             if result.returncode == 0:
                 break
@@ -113,8 +137,9 @@ class PostgresServer:
         if self.tmp is None:
             return
         if self.data_dir.joinpath("postmaster.pid").exists():
-            self._run("pg_ctl", "-D", str(self.data_dir), "-m", "immediate", "-w", "stop",
-                      check=False)
+            self._run(
+                "pg_ctl", "-D", str(self.data_dir), "-m", "immediate", "-w", "stop", check=False
+            )
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp = None
 
@@ -134,8 +159,13 @@ class PostgresServer:
         env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PGTZ": "UTC"}
         env.pop("PGDATA", None)
         result = subprocess.run(
-            command, cwd=self.tmp, env=env, stdin=subprocess.DEVNULL, capture_output=True,
-            text=True, timeout=120,
+            command,
+            cwd=self.tmp,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         if check and result.returncode != 0:
             raise RuntimeError(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,7 +69,7 @@ class BlobStore:
 
     def put_bytes(self, data: bytes) -> PutResult:
         digest = hash_bytes(data)
-        if self.exists(digest):
+        if self._stored_intact(digest):
             return PutResult(digest, len(data), False)
         if self.is_local:
             self._atomic_local_write(digest, [data])
@@ -99,7 +100,7 @@ class BlobStore:
                 out.flush()
                 os.fsync(out.fileno())
             digest = hasher.hexdigest()
-            if self.exists(digest):
+            if self._stored_intact(digest):
                 return PutResult(digest, size, False)
             self._publish(tmp, digest)
             return PutResult(digest, size, True)
@@ -146,11 +147,7 @@ class BlobStore:
         self._require(digest)
         data: bytes = self.fs.cat_file(self._path(digest))
         if hash_bytes(data) != digest:
-            raise IntegrityError(
-                f"blob {digest} is corrupted: its content no longer matches its hash; "
-                "restore it from a backup or commit the data again",
-                digest=digest,
-            )
+            raise _corrupted(digest)
         return data
 
     def iter_chunks(self, digest: str) -> Iterator[bytes]:
@@ -162,7 +159,7 @@ class BlobStore:
                 hasher.update(chunk)
                 yield chunk
         if hasher.hexdigest() != digest:
-            raise IntegrityError(f"blob {digest} is corrupted", digest=digest)
+            raise _corrupted(digest)
 
     def copy_to(self, digest: str, dest: str | Path) -> None:
         """Write a verified copy of a blob to ``dest`` atomically."""
@@ -173,6 +170,8 @@ class BlobStore:
             with os.fdopen(fd, "wb") as out:
                 for chunk in self.iter_chunks(digest):
                     out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
             os.replace(tmp, dest)
         finally:
             if os.path.exists(tmp):
@@ -184,22 +183,40 @@ class BlobStore:
         handle: IO[bytes] = self.fs.open(self._path(digest), "rb")
         return handle
 
-    def sweep_temp(self) -> int:
-        """Remove temp files left by writers that crashed; returns how many were removed."""
+    def sweep_temp(self, *, older_than_s: float = 3600.0) -> int:
+        """Remove temp files left by writers that crashed; returns how many were removed.
+
+        Only files untouched for ``older_than_s`` seconds go: a younger one may belong to a
+        writer that is still streaming (in another process), whose publish would then fail.
+        """
         if not self.is_local:
             return 0
         tmp_dir = Path(self.root) / "tmp"
         if not tmp_dir.exists():
             return 0
+        cutoff = time.time() - older_than_s
         count = 0
         for entry in tmp_dir.iterdir():
-            entry.unlink(missing_ok=True)
-            count += 1
+            try:
+                if entry.is_file() and entry.stat().st_mtime <= cutoff:
+                    entry.unlink()
+                    count += 1
+            except FileNotFoundError:  # its writer finished (or another sweep ran) meanwhile
+                continue
         return count
+
+    def _stored_intact(self, digest: str) -> bool:
+        """Whether ``digest`` is stored whole. A local blob is re-hashed, so that putting the
+        same content again repairs a corrupted one (what the IntegrityError tells users to do)."""
+        if not self.exists(digest):
+            return False
+        return not self.is_local or hash_file(self._path(digest)) == digest
 
     def _require(self, digest: str) -> None:
         if not self.exists(digest):
-            raise NotFoundError(f"blob {digest} is not in the store at {self.url}", digest=digest)
+            raise NotFoundError(
+                f"blob {digest} is not in the store at {self.url}", field="digest", digest=digest
+            )
 
     def _path(self, digest: str) -> str:
         return f"{self.root}/{digest[:2]}/{digest[2:4]}/{digest}"
@@ -209,3 +226,10 @@ def open_blobs(url: str) -> BlobStore:
     return BlobStore(url)
 
 
+def _corrupted(digest: str) -> IntegrityError:
+    return IntegrityError(
+        f"blob {digest} is corrupted: its content no longer matches its hash; "
+        "restore it from a backup or commit the data again",
+        field="digest",
+        digest=digest,
+    )

@@ -20,14 +20,20 @@ from shipyard.errors import InvalidInputError, UnsafePathError
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 MAX_PATH_LEN = 1024
 _SCHEME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+_FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
 
 
 def validate_name(value: str, *, field: str = "name") -> str:
     """Return ``value`` if it is a valid resource name, else raise naming the field."""
-    if not isinstance(value, str) or not NAME_RE.fullmatch(value) or ".." in value:
+    if (
+        not isinstance(value, str)
+        or not NAME_RE.fullmatch(value)
+        or ".." in value
+        or value.endswith(".")  # Windows and some file systems drop it: 'a.' would be 'a'
+    ):
         raise InvalidInputError(
             f"{field} {value!r} is not a valid name: use 1-128 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit, and no '..'",
+            "starting with a letter or digit, with no '..' and not ending with '.'",
             field=field,
         )
     return value
@@ -42,12 +48,16 @@ def validate_relative_path(value: str, *, field: str = "path") -> str:
     def bad(reason: str) -> UnsafePathError:
         return UnsafePathError(f"{field} {value!r} is not allowed: {reason}", field=field)
 
-    if not isinstance(value, str) or value == "":
+    if not isinstance(value, str):
+        raise bad("it must be a string")
+    if value == "":
         raise bad("it is empty")
     if len(value) > MAX_PATH_LEN:
         raise bad(f"it is longer than {MAX_PATH_LEN} characters")
-    if any(ord(c) < 32 or ord(c) == 127 for c in value):
-        raise bad("it contains a NUL or control character")
+    # Cc: C0/C1 controls and DEL; Cs: lone surrogates (undecodable bytes in a file name, which
+    # no database would store); Zl/Zp: line and paragraph separators.
+    if any(unicodedata.category(c) in _FORBIDDEN_CATEGORIES for c in value):
+        raise bad("it contains a NUL, control, separator or undecodable character")
     if unicodedata.normalize("NFKC", value) != value:
         raise bad("it contains characters that normalise to others (e.g. fullwidth dots)")
     if "%" in value:

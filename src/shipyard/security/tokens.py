@@ -45,14 +45,17 @@ def authenticate(ctx: Context, *, secret: str | None) -> str:
     if not secret:
         raise AuthenticationError(
             "this server requires an API token: pass 'Authorization: Bearer <token>' "
-            "(create one with 'shipyard token create NAME' on the server host)"
+            "(create one with 'shipyard token create NAME' on the server host)",
+            field="token",
         )
     digest = hash_token(secret)
     with ctx.db.read() as s:
         row = s.scalar(select(TokenRow).where(TokenRow.token_hash == digest))
         # compare_digest keeps the final comparison constant-time
         if row is None or not hmac.compare_digest(row.token_hash, digest):
-            raise AuthenticationError("the API token is not valid (revoked or mistyped?)")
+            raise AuthenticationError(
+                "the API token is not valid (revoked or mistyped?)", field="token"
+            )
         return f"token:{row.name}"
 
 

@@ -17,7 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import NoSuchModuleError
 from sqlalchemy.orm import Session
 
 from shipyard.errors import InvalidInputError
@@ -37,10 +40,17 @@ class Database:
     def transaction(self, *, write: bool = True) -> Iterator[Session]:
         """A session in one transaction, committed on success and rolled back on error."""
         with self.engine.connect() as conn:
+            # conn.info lives as long as the pooled DBAPI connection: reset it, so that a later
+            # plain engine.connect()/begin() on this connection gets the default (IMMEDIATE).
             conn.info[_WRITE] = write
-            with Session(bind=conn, expire_on_commit=False, autoflush=True) as session:
-                with session.begin():
+            try:
+                with (
+                    Session(bind=conn, expire_on_commit=False, autoflush=True) as session,
+                    session.begin(),
+                ):
                     yield session
+            finally:
+                conn.info.pop(_WRITE, None)
 
     def read(self) -> Any:
         return self.transaction(write=False)
@@ -55,14 +65,16 @@ def lock(session: Session, name: str, *, holder: str = "") -> None:
     On SQLite the write transaction already holds the database lock; on PostgreSQL the updated
     row stays locked until the transaction ends.
     """
-    result = session.execute(
-        update(LockRow)
-        .where(LockRow.name == name)
-        .values(holder=holder or f"pid:{os.getpid()}", acquired_at=time.time())
-    )
-    if result.rowcount == 0:  # type: ignore[attr-defined]
-        session.add(LockRow(name=name, holder=holder, acquired_at=time.time()))
-        session.flush()
+    values = {"holder": holder or f"pid:{os.getpid()}", "acquired_at": time.time()}
+    claim = update(LockRow).where(LockRow.name == name).values(**values)
+    if session.execute(claim).rowcount:  # type: ignore[attr-defined]
+        return
+    # First use of this name. Two writers can both get here; a plain INSERT would fail the
+    # second with a unique violation on PostgreSQL, so insert-if-absent (which waits for the
+    # other's commit there) and then claim the row like everyone else.
+    insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+    session.execute(insert(LockRow).values(name=name, **values).on_conflict_do_nothing())
+    session.execute(claim)
 
 
 _cache: dict[str, Database] = {}
@@ -77,7 +89,7 @@ def open_database(url: str, *, migrate: bool = True) -> Database:
             return db
         db = Database(_make_engine(url))
         if migrate:
-            from shipyard.store.migrate import upgrade  # noqa: PLC0415 - alembic is heavy
+            from shipyard.store.migrate import upgrade  # alembic is heavy: load it only here
 
             upgrade(db.engine)
         _cache[url] = db
@@ -97,19 +109,32 @@ def _make_engine(url: str) -> Engine:
         parsed = make_url(url)
     except Exception as exc:
         raise InvalidInputError(f"database URL {url!r} is not valid: {exc}", field="db") from None
+    shown = parsed.render_as_string(hide_password=True)  # never echo a password into errors
+    options: dict[str, Any]
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 60, "check_same_thread": False})
-        _configure_sqlite(engine)
-        return engine
-    if parsed.get_backend_name() == "postgresql":
+        options = {"connect_args": {"timeout": 60, "check_same_thread": False}}
+    elif parsed.get_backend_name() == "postgresql":
         if parsed.drivername == "postgresql":
-            url = str(parsed.set(drivername="postgresql+psycopg"))
-        return create_engine(url, pool_pre_ping=True)
-    raise InvalidInputError(
-        f"database URL {url!r}: only sqlite:/// and postgresql:// are supported", field="db"
-    )
+            parsed = parsed.set(drivername="postgresql+psycopg")
+        options = {"pool_pre_ping": True}
+    else:
+        raise InvalidInputError(
+            f"database URL {shown!r}: only sqlite:/// and postgresql:// are supported", field="db"
+        )
+    try:
+        # The URL object, not str(url): str() masks the password as '***'.
+        engine = create_engine(parsed, **options)
+    except (NoSuchModuleError, ImportError) as exc:
+        raise InvalidInputError(
+            f"database URL {shown!r}: its driver is not available ({exc}); for PostgreSQL "
+            "use postgresql:// and install the extra: pip install 'shipyard[postgres]'",
+            field="db",
+        ) from None
+    if parsed.get_backend_name() == "sqlite":
+        _configure_sqlite(engine)
+    return engine
 
 
 def _configure_sqlite(engine: Engine) -> None:

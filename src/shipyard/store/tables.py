@@ -29,10 +29,13 @@ def utcnow() -> datetime:
 
 
 def aware(value: datetime | None) -> datetime | None:
-    """SQLite hands back naive datetimes; everything we store is UTC."""
-    if value is None or value.tzinfo is not None:
+    """The stored instant in UTC: everything we store is UTC, but SQLite hands back naive
+    datetimes and PostgreSQL hands them back in the session's ``TimeZone``, whatever it is."""
+    if value is None:
         return value
-    return value.replace(tzinfo=UTC)
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
 
 
 class Base(DeclarativeBase):

@@ -4,8 +4,6 @@ Revision ID: 0001
 Revises:
 Create Date: 2026-11-23 00:28:11.569249
 """
-import datetime
-
 import sqlalchemy as sa
 from alembic import op
 
@@ -224,12 +222,6 @@ def upgrade() -> None:
     # ### end Alembic commands ###
     locks = sa.table('locks', sa.column('name', sa.String), sa.column('holder', sa.String),
                      sa.column('acquired_at', sa.Float))
-    # The default project exists from the start, so reading a fresh home finds it empty rather
-    # than reporting the project itself as missing.
-    projects = sa.table('projects', sa.column('id', sa.String), sa.column('name', sa.String),
-                        sa.column('created_at', sa.DateTime(timezone=True)))
-    op.bulk_insert(projects, [{'id': 'default', 'name': 'default',
-                               'created_at': datetime.datetime.now(datetime.UTC)}])
     op.bulk_insert(locks, [{'name': n, 'holder': '', 'acquired_at': 0.0}
                            for n in ('scheduler', 'audit', 'deployments')])
 
