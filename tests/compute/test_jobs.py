@@ -703,3 +703,23 @@ def test_a_corrupted_code_snapshot_fails_the_job_instead_of_running_it(
     assert job.status is JobStatus.FAILED
     assert "could not prepare the job's code" in job.message and "corrupted" in job.message
     assert "should not run" not in logs(ctx, job.id)
+
+
+def test_a_job_killed_from_outside_fails_naming_the_signal(cctx: Context, tmp_path: Path) -> None:
+    """What the OOM killer or an operator's kill -9 looks like: the job fails, its run too."""
+    make_run(cctx, "p", "run-k")
+    code = "import os, time; print('pid', os.getpid(), flush=True); time.sleep(120)"
+    job = jobs.submit_job(cctx, project="p", spec=python_job(code), run_id="run-k")
+    text = wait_for(
+        lambda: "pid" in logs(cctx, job.id) and logs(cctx, job.id),
+        timeout=30,
+        what="the job to print its pid",
+    )
+    pid = int(text.split("pid", 1)[1].split()[0])
+    os.kill(pid, signal.SIGKILL)
+    done = finished(cctx, job.id)
+    assert done.status is JobStatus.FAILED
+    assert done.exit_code == -signal.SIGKILL
+    assert "SIGKILL" in done.message or "signal 9" in done.message, done.message
+    assert run_status(cctx, "run-k")[0] == "failed"
+    assert done.usage.wall_seconds > 0
