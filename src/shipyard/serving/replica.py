@@ -278,7 +278,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"shipyard replica: {exc.message}", file=sys.stderr, flush=True)
         return 2
     try:
-        model = load_model_from_blobs(BlobStore(args.blobs), args.digest)
+        model = load_model_from_blobs(
+            BlobStore(args.blobs), args.digest, intra_op_threads=args.threads or None
+        )
     except ShipyardError as exc:
         print(
             f"shipyard replica: cannot load model {args.name!r} version {args.version} "
@@ -520,6 +522,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-batch-size", type=int, default=32, help="rows per model call")
     parser.add_argument(
         "--max-wait-ms", type=float, default=5.0, help="longest wait for a batch to fill"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="ONNX Runtime intra-op threads (0: one per core). One suits small models: the "
+        "batcher, not the thread pool, is what spreads load",
     )
     parser.add_argument(
         "--max-body-bytes", default="8MB", help="largest request body accepted (e.g. 8MB)"
