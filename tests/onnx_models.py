@@ -1,30 +1,132 @@
-"""Small ONNX models built in-process with onnx.helper (no torch, no downloads)."""
+"""Small ONNX models built in-process with ``onnx.helper`` (no torch, no downloads)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+
+OPSET = [helper.make_opsetid("", 17)]
+
+
+@dataclass(frozen=True)
+class LinearModel:
+    data: bytes
+    weights: np.ndarray
+    bias: np.ndarray
+    input_name: str = "x"
+    output_name: str = "y"
+
+    def session(self) -> ort.InferenceSession:
+        return ort.InferenceSession(self.data, providers=["CPUExecutionProvider"])
+
+    def reference(self, x: np.ndarray) -> np.ndarray:
+        """What ONNX Runtime itself answers for ``x`` (run directly, no batching)."""
+        return self.session().run([self.output_name], {self.input_name: x.astype(np.float32)})[0]
+
+
+def _model(graph: onnx.GraphProto) -> bytes:
+    model = helper.make_model(graph, opset_imports=OPSET)
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
 
 
 def linear_model(
-    n_in: int = 64, n_out: int = 10, *, seed: int = 0
-) -> tuple[bytes, np.ndarray, np.ndarray]:
-    """``logits = input @ W + b`` with a dynamic batch; returns (model bytes, W, b)."""
+    features: int = 64,
+    classes: int = 10,
+    *,
+    seed: int = 0,
+    batch: str | int = "batch",
+    input_name: str = "x",
+    output_name: str = "y",
+) -> LinearModel:
+    """y = x @ W + b, x: FP32 [batch, features] (dynamic batch unless ``batch`` is an int)."""
     rng = np.random.default_rng(seed)
-    w = rng.standard_normal((n_in, n_out)).astype(np.float32)
-    b = rng.standard_normal(n_out).astype(np.float32)
+    weights = rng.standard_normal((features, classes)).astype(np.float32)
+    bias = rng.standard_normal(classes).astype(np.float32)
     graph = helper.make_graph(
         [
-            helper.make_node("MatMul", ["input", "W"], ["xw"]),
-            helper.make_node("Add", ["xw", "b"], ["logits"]),
+            helper.make_node("MatMul", [input_name, "W"], ["h"]),
+            helper.make_node("Add", ["h", "b"], [output_name]),
         ],
         "linear",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", n_in])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", n_out])],
-        initializer=[numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "b")],
+        [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, [batch, features])],
+        [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, [batch, classes])],
+        [numpy_helper.from_array(weights, "W"), numpy_helper.from_array(bias, "b")],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model.SerializeToString(), w, b
+    return LinearModel(
+        data=_model(graph),
+        weights=weights,
+        bias=bias,
+        input_name=input_name,
+        output_name=output_name,
+    )
+
+
+def two_input_model() -> bytes:
+    """sum = a + b, diff = a - b; a, b: FP64 [n, 3]."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Add", ["a", "b"], ["sum"]),
+            helper.make_node("Sub", ["a", "b"], ["diff"]),
+        ],
+        "two_inputs",
+        [
+            helper.make_tensor_value_info("a", TensorProto.DOUBLE, ["n", 3]),
+            helper.make_tensor_value_info("b", TensorProto.DOUBLE, ["n", 3]),
+        ],
+        [
+            helper.make_tensor_value_info("sum", TensorProto.DOUBLE, ["n", 3]),
+            helper.make_tensor_value_info("diff", TensorProto.DOUBLE, ["n", 3]),
+        ],
+    )
+    return _model(graph)
+
+
+def typed_model() -> bytes:
+    """ids_out = ids (INT64 [n, 3]), flipped = not mask (BOOL [n, 3]), small = ids32 (INT32 [n])."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Identity", ["ids"], ["ids_out"]),
+            helper.make_node("Not", ["mask"], ["flipped"]),
+            helper.make_node("Identity", ["ids32"], ["small"]),
+        ],
+        "typed",
+        [
+            helper.make_tensor_value_info("ids", TensorProto.INT64, ["n", 3]),
+            helper.make_tensor_value_info("mask", TensorProto.BOOL, ["n", 3]),
+            helper.make_tensor_value_info("ids32", TensorProto.INT32, ["n"]),
+        ],
+        [
+            helper.make_tensor_value_info("ids_out", TensorProto.INT64, ["n", 3]),
+            helper.make_tensor_value_info("flipped", TensorProto.BOOL, ["n", 3]),
+            helper.make_tensor_value_info("small", TensorProto.INT32, ["n"]),
+        ],
+    )
+    return _model(graph)
+
+
+def sequence_output_model() -> bytes:
+    """An output that is a sequence of tensors, like a scikit-learn ZipMap: not servable."""
+    graph = helper.make_graph(
+        [helper.make_node("SequenceConstruct", ["x"], ["seq"])],
+        "seq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 2])],
+        [helper.make_tensor_sequence_value_info("seq", TensorProto.FLOAT, ["n", 2])],
+    )
+    return _model(graph)
+
+
+def total_sum_model() -> bytes:
+    """total = sum of every element of x (FP32 [n, 4]): the output has no batch dimension."""
+    graph = helper.make_graph(
+        [helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0)],
+        "total",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("total", TensorProto.FLOAT, [])],
+    )
+    return _model(graph)

@@ -35,7 +35,7 @@ def _scenario(client: Client, workdir: Path) -> dict[str, Any]:
     table = client.datasets.read_table("ds", "t.parquet", 1)
 
     model_file = workdir / "m.onnx"
-    model_file.write_bytes(linear_model()[0])
+    model_file.write_bytes(linear_model(input_name="input", output_name="logits").data)
     with shipyard.init(project="default", client=client, params={"lr": 0.1}) as run:
         run.use_dataset("ds", 2)
         for step in range(50):

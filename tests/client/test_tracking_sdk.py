@@ -102,7 +102,7 @@ def test_attaches_to_the_job_run_from_env(ctx: Context, monkeypatch: pytest.Monk
 
 def test_log_model_registers_version_with_lineage(ctx: Context, tmp_path: Path) -> None:
     client, _ = _client(ctx)
-    model_bytes, _, _ = linear_model()
+    model_bytes = linear_model(input_name="input", output_name="logits").data
     path = tmp_path / "m.onnx"
     path.write_bytes(model_bytes)
     with shipyard.init(project="p", client=client) as run:

@@ -88,7 +88,7 @@ def test_lifecycle_over_a_real_socket(server_and_token: tuple[LiveServer, str, P
         assert files.json() == [{"path": "raw/x.bin", "digest": digest, "size": len(data)}]
 
         # an ONNX model: upload, register by digest, alias it, move the alias
-        model_bytes, _, _ = linear_model(8, 3)
+        model_bytes = linear_model(8, 3, input_name="input", output_name="logits").data
         model_digest = hash_bytes(model_bytes)
         assert http.put(f"{API}/blobs/{model_digest}", content=model_bytes).status_code == 201
         for _ in range(2):

@@ -32,7 +32,9 @@ def _populate(ctx: Context) -> str:
         run_id=run.id,
         metrics=[MetricPoint(key="accuracy", value=0.9375, step=1, timestamp=1.0)],
     )
-    digest = ctx.blobs.put_bytes(linear_model(4, 2)[0]).digest
+    digest = ctx.blobs.put_bytes(
+        linear_model(4, 2, input_name="input", output_name="logits").data
+    ).digest
     registry.register_version(ctx, project="vision", model="digits", digest=digest)
     registry.set_alias(ctx, project="vision", model="digits", alias="production", version=1)
     return run.id

@@ -166,7 +166,7 @@ def test_datasets(client: TestClient) -> None:
 
 
 def test_models_and_aliases(client: TestClient) -> None:
-    model_bytes, _, _ = linear_model(4, 2)
+    model_bytes = linear_model(4, 2, input_name="input", output_name="logits").data
     digest = _upload(client, model_bytes)
     run = _ok(client.post(f"{API}/runs", json={"project": "p"}), 201)
     _ok(
@@ -349,7 +349,8 @@ def test_cancel_a_running_job(client: TestClient, no_jobs_left: None) -> None:
 
 @pytest.mark.slow
 def test_deployments(client: TestClient) -> None:
-    model_bytes, w, b = linear_model(4, 2)
+    built = linear_model(4, 2, input_name="input", output_name="logits")
+    model_bytes, w, b = built.data, built.weights, built.bias
     digest = _upload(client, model_bytes)
     _ok(client.post(f"{API}/models/m/versions", json={"digest": digest}), 201)
     _ok(client.put(f"{API}/models/m/aliases/production", json={"version": 1}))

@@ -10,7 +10,7 @@ import pytest
 from shipyard.errors import InvalidStateError
 from shipyard.serving.batcher import Batcher
 from shipyard.serving.runtime import load_model
-from tests.serving.onnx_models import linear_model
+from tests.onnx_models import linear_model
 
 
 def _rows(seed: int, rows: int, features: int = 64) -> np.ndarray:

@@ -33,7 +33,7 @@ from shipyard.serving.deployments import (
 from shipyard.store.queries import edges_of
 from shipyard.tracking.registry import register_version, set_alias
 from tests.conftest import wait_for
-from tests.serving.onnx_models import LinearModel, linear_model
+from tests.onnx_models import LinearModel, linear_model
 
 PROJECT = "vision"
 

@@ -16,7 +16,7 @@ from shipyard.errors import InvalidInputError
 from shipyard.serving.replica import create_app, parse_size
 from shipyard.serving.runtime import OnnxModel, load_model
 from tests.conftest import wait_for
-from tests.serving.onnx_models import (
+from tests.onnx_models import (
     LinearModel,
     linear_model,
     total_sum_model,

@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from shipyard.blobs.store import BlobStore
 from shipyard.serving.replica import main
 from tests.conftest import wait_for
-from tests.serving.onnx_models import LinearModel, linear_model
+from tests.onnx_models import LinearModel, linear_model
 
 REPLICA = [sys.executable, "-m", "shipyard.serving.replica"]
 

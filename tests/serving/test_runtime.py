@@ -15,7 +15,7 @@ from shipyard.serving.runtime import (
     load_model_from_blobs,
     signature_from_onnx,
 )
-from tests.serving.onnx_models import (
+from tests.onnx_models import (
     linear_model,
     sequence_output_model,
     two_input_model,

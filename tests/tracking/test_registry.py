@@ -19,7 +19,7 @@ def _run_with_model(ctx: Context, *, seed: int = 0) -> tuple[str, bytes]:
         run_id=run.id,
         metrics=[MetricPoint(key="val_accuracy", value=0.97, step=1, timestamp=time.time())],
     )
-    model_bytes, _, _ = linear_model(seed=seed)
+    model_bytes = linear_model(seed=seed, input_name="input", output_name="logits").data
     blob = ctx.blobs.put_bytes(model_bytes)
     runs.log_artifact(ctx, run_id=run.id, path="model.onnx", digest=blob.digest, size=blob.size)
     return run.id, model_bytes

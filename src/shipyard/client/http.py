@@ -18,6 +18,7 @@ from pydantic import BaseModel, TypeAdapter
 from shipyard.blobs import hash_bytes, hash_file
 from shipyard.client.backend import Backend, Progress
 from shipyard.compute.snapshot import snapshot_code
+from shipyard.data.datasets import source_files
 from shipyard.domain.models import (
     AliasEvent,
     Artifact,
@@ -37,7 +38,7 @@ from shipyard.domain.models import (
     RunStatus,
 )
 from shipyard.domain.names import validate_name, validate_relative_path
-from shipyard.errors import BackendError, IntegrityError, NotFoundError, error_from_dict
+from shipyard.errors import BackendError, IntegrityError, error_from_dict
 from shipyard.schemas import (
     AddRunInputRequest,
     CommitDatasetRequest,
@@ -52,7 +53,6 @@ from shipyard.schemas import (
     SetAliasRequest,
     SubmitJobRequest,
 )
-from shipyard.security.paths import walk_files
 
 M = TypeVar("M", bound=BaseModel)
 API = "/api/v1"
@@ -127,10 +127,8 @@ class HttpBackend(Backend):
         message: str = "",
         progress: Progress | None = None,
     ) -> DatasetVersion:
-        source = Path(source)
-        if not source.exists():
-            raise NotFoundError(f"{source} does not exist", field="source")
-        files = [(source.name, source)] if source.is_file() else list(walk_files(source))
+        validate_name(name, field="name")
+        files = source_files(Path(source))
         total = sum(p.stat().st_size for _, p in files)
         entries: list[FileEntry] = []
         done = 0

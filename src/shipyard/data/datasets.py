@@ -150,7 +150,7 @@ def commit_directory(
     """
     validate_name(project, field="project")
     validate_name(name, field="name")
-    found = _source_files(Path(source))
+    found = source_files(Path(source))
     total = sum(real.stat().st_size for _, real in found)
     done = 0
     entries: list[FileEntry] = []
@@ -340,7 +340,11 @@ def _check_entries(ctx: Context, files: Sequence[FileEntry]) -> list[FileEntry]:
     return sorted(files, key=lambda e: e.path)
 
 
-def _source_files(source: Path) -> list[tuple[str, Path]]:
+def source_files(source: Path) -> list[tuple[str, Path]]:
+    """The files a commit of ``source`` takes, as ``(relative path, real path)``, all checked.
+
+    Shared by the embedded commit and the HTTP client, so both refuse the same sources alike.
+    """
     if not source.exists():
         raise NotFoundError(f"source {str(source)!r} does not exist", field="source")
     if source.is_file():
