@@ -112,3 +112,54 @@ def test_run_follows_logs_and_reports_status(home: Path, tmp_path: Path) -> None
     assert missing.returncode == 1 and "no-such-command-xyz" in missing.stderr
     jobs = shipyard(home, "jobs", "list")
     assert jobs.stdout.count("succeeded") == 1 and jobs.stdout.count("failed") == 1
+
+
+def test_models_deploy_predict_and_stop(home: Path, tmp_path: Path) -> None:
+    import json
+
+    import numpy as np
+
+    from shipyard.client import Client
+    from shipyard.settings import Settings
+    from tests.onnx_models import linear_model
+
+    model = linear_model(4, 3, input_name="input", output_name="logits")
+    path = tmp_path / "m.onnx"
+    path.write_bytes(model.data)
+    from shipyard import init
+
+    client = Client(settings=Settings(home=home))
+    with init(client=client) as run:
+        run.log({"acc": 0.5})
+        run.log_model(path, name="lin")
+    assert shipyard_ok(home, "models", "alias", "lin", "production", "1")
+    shown = shipyard(home, "models", "show", "lin")
+    assert "production: (none) -> v1 by local" in shown.stdout
+
+    deployed = shipyard(home, "deploy", "lin@production", "--name", "lin")
+    assert deployed.returncode == 0, deployed.stderr
+    assert "endpoint lin running" in deployed.stdout
+    try:
+        rows = [[1.0, 2.0, 3.0, 4.0], [0.0, -1.0, 0.5, 2.0]]
+        out = shipyard(home, "predict", "lin", "--data", json.dumps(rows))
+        assert out.returncode == 0, out.stderr
+        answer = json.loads(out.stdout)
+        got = np.array(answer["outputs"][0]["data"], dtype=np.float32).reshape(2, 3)
+        np.testing.assert_allclose(
+            got, np.array(rows, dtype=np.float32) @ model.weights + model.bias, rtol=1e-5
+        )
+        bad = shipyard(home, "predict", "lin", "--data", "[[1, 2]]")
+        assert bad.returncode == 1 and "400" in bad.stderr
+        listed = shipyard(home, "endpoints", "list")
+        assert "lin" in listed.stdout and "running" in listed.stdout
+    finally:
+        stopped = shipyard(home, "endpoints", "stop", "lin")
+    assert stopped.returncode == 0 and "stopped" in stopped.stdout
+    again = shipyard(home, "endpoints", "stop", "lin")
+    assert again.returncode == 1 and "stopped" in again.stderr
+
+
+def shipyard_ok(home: Path, *args: str) -> bool:
+    out = shipyard(home, *args)
+    assert out.returncode == 0, out.stderr
+    return True

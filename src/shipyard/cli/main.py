@@ -387,8 +387,10 @@ def models_show(name: str, project: ProjectOpt = None) -> None:
     console.print(table)
     history = client.backend.alias_history(project=project or client.project, model=name)
     for e in history:
+        before = f"v{e.previous_version}" if e.previous_version else "(none)"
+        after = f"v{e.version}" if e.version else "(removed)"
         console.print(
-            f"  {_ago(e.at)} {e.alias}: v{e.previous_version} -> v{e.version} by {e.actor}"
+            f"  {_ago(e.at)} {e.alias}: {before} -> {after} by {e.actor}", highlight=False
         )
 
 
