@@ -163,3 +163,10 @@ def shipyard_ok(home: Path, *args: str) -> bool:
     out = shipyard(home, *args)
     assert out.returncode == 0, out.stderr
     return True
+
+
+def test_server_refuses_a_public_bind_without_auth(home: Path) -> None:
+    out = shipyard(home, "server", "--host", "0.0.0.0", "--port", "0", timeout=60)
+    assert out.returncode == 2
+    assert "refusing to listen on '0.0.0.0' without auth" in out.stderr
+    assert "--auth" in out.stderr and "shipyard token create" in out.stderr

@@ -26,7 +26,7 @@ from shipyard.demo.lifecycle import Reporter, follow_job, run_demo
 from shipyard.domain.models import JobStatus
 from shipyard.errors import InvalidInputError, ShipyardError
 from shipyard.security.tokens import create_token
-from shipyard.settings import Settings
+from shipyard.settings import ENV_BLOBS, ENV_DB, Settings
 
 app = typer.Typer(
     help="shipyard: data, jobs, tracking, registry, serving - on your hardware.",
@@ -72,12 +72,23 @@ def server(
     ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8340,
     auth: Annotated[bool, typer.Option("--auth/--no-auth", help="Require API tokens.")] = False,
+    db: Annotated[
+        str | None, typer.Option(help="Metadata store URL, e.g. postgresql://user@host/db.")
+    ] = None,
+    blobs: Annotated[
+        str | None, typer.Option(help="Blob store URL (fsspec), e.g. s3://bucket/prefix.")
+    ] = None,
 ) -> None:
-    """Serve the REST API, /metrics and the web UI on the embedded home."""
+    """Serve the REST API, /metrics and the web UI (on the embedded home unless --db/--blobs)."""
     args = [sys.executable, "-m", "shipyard.server", "--host", host, "--port", str(port)]
     if auth:
         args.append("--auth")
-    os.execv(sys.executable, args)
+    env = dict(os.environ)
+    if db:
+        env[ENV_DB] = db
+    if blobs:
+        env[ENV_BLOBS] = blobs
+    os.execve(sys.executable, args, env)
 
 
 class RichReporter(Reporter):
