@@ -14,6 +14,8 @@ import pytest
 
 import shipyard
 from shipyard.client import Client, HttpBackend
+from shipyard.demo.lifecycle import follow_job
+from shipyard.domain.models import JobStatus, RunStatus
 from shipyard.errors import InvalidInputError, NotFoundError, UnsafePathError
 from shipyard.settings import Settings
 from tests.conftest import LiveServer
@@ -105,17 +107,10 @@ def test_embedded_and_server_give_the_same_results(tmp_path: Path, live_server: 
     remote.close()
 
 
-@pytest.mark.slow
-def test_remote_job_runs_uploaded_code_and_tracks_its_run(
-    tmp_path: Path, live_server: LiveServer
-) -> None:
+def _remote_job(remote: Client, workdir: Path) -> None:
     """``shipyard run`` against a server: the code travels as a blob, the job attaches its run."""
-    from shipyard.demo.lifecycle import follow_job
-    from shipyard.domain.models import JobStatus, RunStatus
-
-    remote = Client(settings=Settings(home=tmp_path / "unused", url=live_server.url))
-    code = tmp_path / "code"
-    code.mkdir()
+    code = workdir / "code"
+    code.mkdir(parents=True)
     (code / "train.py").write_text(
         "import shipyard\n"
         "with shipyard.init() as run:\n"
@@ -132,4 +127,33 @@ def test_remote_job_runs_uploaded_code_and_tracks_its_run(
     tracked = remote.runs.get(run.id)
     assert tracked.status == RunStatus.FINISHED and tracked.job_id == job.id
     assert tracked.metrics == {"loss": pytest.approx(0.2)}
+
+
+@pytest.mark.slow
+def test_remote_job_runs_uploaded_code_and_tracks_its_run(
+    tmp_path: Path, live_server: LiveServer
+) -> None:
+    remote = Client(settings=Settings(home=tmp_path / "unused", url=live_server.url))
+    _remote_job(remote, tmp_path)
     remote.close()
+
+
+@pytest.mark.slow
+def test_a_server_on_postgresql_gives_the_same_results(tmp_path: Path, postgres_url: str) -> None:
+    """The team size: metadata in PostgreSQL, same answers as the embedded SQLite home."""
+    from tests.pg import create_database, drop_database
+
+    db_url = create_database(postgres_url)
+    home = tmp_path / "pg-server-home"
+    home.mkdir()
+    server = LiveServer(home, env={"SHIPYARD_DB": db_url})
+    try:
+        remote = Client(settings=Settings(home=tmp_path / "unused", url=server.url))
+        embedded = Client(settings=Settings(home=tmp_path / "embedded-home"))
+        assert _scenario(remote, tmp_path / "b") == _scenario(embedded, tmp_path / "a")
+        _remote_job(remote, tmp_path / "job")  # supervisor and job reach PostgreSQL too
+        assert not (home / "shipyard.db").exists()  # nothing went to a SQLite file
+        remote.close()
+    finally:
+        server.stop()
+        drop_database(db_url)
