@@ -104,3 +104,10 @@ def test_a_blob_that_is_not_onnx_is_refused(ctx: Context) -> None:
     with pytest.raises(InvalidInputError) as info:
         load_model_from_blobs(ctx.blobs, digest)
     assert info.value.field == "model"
+
+
+def test_warm_up_runs_the_model_once_on_zeros() -> None:
+    model = load_model(linear_model(features=5, classes=2).data)
+    assert model.warm_up() is True
+    fixed = load_model(linear_model(features=5, classes=2, batch=3).data)
+    assert fixed.warm_up() is True  # a fixed batch dim is used as is

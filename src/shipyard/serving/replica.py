@@ -139,7 +139,11 @@ class ReplicaState:
         return self.model is not None and self.batcher is not None and self.batcher.running
 
     async def activate(self, model: OnnxModel) -> None:
-        """Start serving ``model``: batching only when every input has a dynamic batch dim."""
+        """Start serving ``model``: batching only when every input has a dynamic batch dim.
+
+        The model is warmed up first, so ``ready`` means the first request is served at speed.
+        """
+        await asyncio.to_thread(model.warm_up)
         batcher = Batcher(
             model.predict,
             max_batch_size=self.max_batch_size if model.batchable else 1,

@@ -74,6 +74,21 @@ class OnnxModel:
             t.shape is not None and len(t.shape) >= 1 and t.shape[0] == -1 for t in self.inputs
         )
 
+    def warm_up(self) -> bool:
+        """Run the model once on zeros (batch 1) so the first real request does not pay for ONNX
+        Runtime's lazy initialisation; returns False when an input's shape is not fully known."""
+        feeds: dict[str, np.ndarray] = {}
+        for spec in self.inputs:
+            if spec.shape is None or spec.datatype == "BYTES":
+                return False
+            shape = tuple(1 if dim < 0 else dim for dim in spec.shape)
+            feeds[spec.name] = np.zeros(shape, dtype=spec.dtype)
+        try:
+            self.predict(feeds)
+        except ShipyardError:
+            return False  # the graph wants values zeros cannot give; serving is unaffected
+        return True
+
     def predict(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run the model on numpy arrays keyed by input name; returns every output by name.
 
