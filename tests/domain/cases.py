@@ -21,6 +21,7 @@ UNSAFE_PATHS: list[tuple[str, str]] = [
     ("http-url", "http://example.invalid/x"),
     ("drive-backslash", "C:\\x"),
     ("drive-relative", "C:x"),
+    ("drive-slash", "C:/x"),
     ("unc", "//server/x"),
     ("unc-backslash", "\\\\server\\x"),
     ("double-slash", "a//b"),
