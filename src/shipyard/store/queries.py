@@ -32,38 +32,56 @@ def project_names(session: Session) -> dict[str, str]:
 
 
 def add_edge(
-    session: Session, *, source_kind: str, source_id: str, target_kind: str, target_id: str,
+    session: Session,
+    *,
+    source_kind: str,
+    source_id: str,
+    target_kind: str,
+    target_id: str,
     relation: str,
 ) -> None:
     """Record a lineage edge once (idempotent)."""
     exists = session.scalar(
         select(LineageEdgeRow.id).where(
-            LineageEdgeRow.source_kind == source_kind, LineageEdgeRow.source_id == source_id,
-            LineageEdgeRow.target_kind == target_kind, LineageEdgeRow.target_id == target_id,
+            LineageEdgeRow.source_kind == source_kind,
+            LineageEdgeRow.source_id == source_id,
+            LineageEdgeRow.target_kind == target_kind,
+            LineageEdgeRow.target_id == target_id,
             LineageEdgeRow.relation == relation,
         )
     )
     if exists is None:
-        session.add(LineageEdgeRow(
-            source_kind=source_kind, source_id=source_id, target_kind=target_kind,
-            target_id=target_id, relation=relation,
-        ))
+        session.add(
+            LineageEdgeRow(
+                source_kind=source_kind,
+                source_id=source_id,
+                target_kind=target_kind,
+                target_id=target_id,
+                relation=relation,
+            )
+        )
 
 
 def edges_of(session: Session, *, kind: str, id: str) -> list[LineageEdge]:
     """Every edge that touches ``(kind, id)``, in either direction."""
     rows = session.scalars(
-        select(LineageEdgeRow).where(
+        select(LineageEdgeRow)
+        .where(
             or_(
                 (LineageEdgeRow.source_kind == kind) & (LineageEdgeRow.source_id == id),
                 (LineageEdgeRow.target_kind == kind) & (LineageEdgeRow.target_id == id),
             )
-        ).order_by(LineageEdgeRow.id)
+        )
+        .order_by(LineageEdgeRow.id)
     )
     return [
         LineageEdge(
-            source_kind=r.source_kind, source_id=r.source_id, target_kind=r.target_kind,
-            target_id=r.target_id, relation=r.relation, created_at=aware(r.created_at) or utcnow(),
+            source_kind=r.source_kind,
+            source_id=r.source_id,
+            target_kind=r.target_kind,
+            target_id=r.target_id,
+            relation=r.relation,
+            created_at=aware(r.created_at) or utcnow(),
         )
         for r in rows
     ]
