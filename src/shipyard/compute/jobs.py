@@ -20,14 +20,12 @@ How the pieces meet (nothing has to be started by hand):
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import os
 import posixpath
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -35,6 +33,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from shipyard.blobs.store import check_digest
+from shipyard.children import Children
 from shipyard.compute.processes import create_time, kill_job, process_alive
 from shipyard.compute.resources import machine_capacity
 from shipyard.compute.scheduler import Allocation, Request, never_fits, schedule
@@ -278,7 +277,7 @@ def wait_job(ctx: Context, *, job_id: str, timeout: float | None = None) -> Job:
 
 def tick(ctx: Context) -> list[str]:
     """One scheduler step (see the module docstring); returns the ids of the jobs it started."""
-    _collect_children()
+    _children.reap_exited()
     _reap_lost_supervisors(ctx)
     with ctx.db.read() as s:
         waiting = s.scalar(
@@ -421,19 +420,8 @@ def supervisor_env(ctx: Context) -> dict[str, str]:
 # --- helpers ---------------------------------------------------------------------------------
 
 
-_children: dict[int, subprocess.Popen[bytes]] = {}
-_children_lock = threading.Lock()
-
-
-@atexit.register
-def _release_children() -> None:
-    """Detached children outlive us by design (init reparents and reaps them); drop our handles
-    so Popen does not warn that they are still running when this process exits."""
-    with _children_lock:
-        for proc in _children.values():
-            if proc.poll() is None:
-                proc.returncode = 0  # not waited on: it is no longer ours to wait for
-        _children.clear()
+# Supervisors this process started, reaped on every tick.
+_children = Children()
 
 
 def _start_supervisor(ctx: Context, job_id: str) -> None:
@@ -459,8 +447,7 @@ def _start_supervisor(ctx: Context, job_id: str) -> None:
             message=f"could not start the job's supervisor: {exc}",
         )
         return
-    with _children_lock:
-        _children[proc.pid] = proc
+    _children.add(proc)
     # The supervisor records itself too; writing it here closes the window in which a crash of
     # this process would leave the job RUNNING with no supervisor on record.
     started = create_time(proc.pid)  # None if it is already gone: then the next tick reaps it
@@ -469,14 +456,6 @@ def _start_supervisor(ctx: Context, job_id: str) -> None:
         if row is not None and row.supervisor_pid is None and row.status == JobStatus.RUNNING.value:
             row.supervisor_pid = proc.pid
             row.supervisor_started = started
-
-
-def _collect_children() -> None:
-    """Reap supervisors this process started that have exited, so none lingers as a zombie."""
-    with _children_lock:
-        for pid, proc in list(_children.items()):
-            if proc.poll() is not None:
-                del _children[pid]
 
 
 def _reap_lost_supervisors(ctx: Context) -> None:

@@ -12,14 +12,12 @@ This is the local backend of serving; the deployment service (``deployments``) h
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +25,7 @@ from pathlib import Path
 import httpx
 import psutil
 
+from shipyard.children import Children
 from shipyard.context import Context
 from shipyard.domain.names import validate_name
 from shipyard.errors import BackendError, InvalidInputError
@@ -35,21 +34,8 @@ from shipyard.security.paths import safe_join
 LOG_NAME = "replica.log"
 STOP_GRACE_S = 10.0
 
-# Replicas started by this process, kept so they are reaped (no zombies) and so that Popen does
-# not warn about children still running when its object is collected.
-_children: dict[int, subprocess.Popen[bytes]] = {}
-_children_lock = threading.Lock()
-
-
-@atexit.register
-def _release_children() -> None:
-    """Detached children outlive us by design (init reparents and reaps them); drop our handles
-    so Popen does not warn that they are still running when this process exits."""
-    with _children_lock:
-        for proc in _children.values():
-            if proc.poll() is None:
-                proc.returncode = 0  # not waited on: it is no longer ours to wait for
-        _children.clear()
+# Replicas started by this process (reaped, and asked directly whether they still run).
+_children = Children()
 
 
 @dataclass(frozen=True)
@@ -152,8 +138,7 @@ def spawn_replica(
             )
     finally:
         sock.close()  # the child holds its own copy
-    with _children_lock:
-        _children[proc.pid] = proc
+    _children.add(proc)
     try:
         create_time = psutil.Process(proc.pid).create_time()
     except psutil.NoSuchProcess:  # died at once; wait_until_ready reports it
@@ -223,9 +208,7 @@ def is_alive(pid: int | None, create_time: float | None) -> bool:
     """Whether ``pid`` is still the process that was started at ``create_time`` (not a zombie)."""
     if not pid:
         return False
-    with _children_lock:
-        child = _children.get(pid)
-    if child is not None:
+    if _children.get(pid) is not None:
         # Our own child: waitpid is authoritative, and its pid cannot be reused until reaped.
         # (psutil may show a dying multi-threaded leader as a zombie before waitpid reports it.)
         return exit_code(pid) is None
@@ -240,15 +223,9 @@ def is_alive(pid: int | None, create_time: float | None) -> bool:
 
 def exit_code(pid: int) -> int | None:
     """The exit status of a replica this process started, once it has exited; else None."""
-    with _children_lock:
-        proc = _children.get(pid)
-    if proc is None:
+    if _children.get(pid) is None:
         return None if psutil.pid_exists(pid) else -1
-    code = proc.poll()
-    if code is not None:
-        with _children_lock:
-            _children.pop(pid, None)  # reaped: forget it (its pid may now be reused)
-    return code
+    return _children.poll(pid)
 
 
 def replica_log_path(ctx: Context, *, name: str, project: str | None = None) -> Path:
@@ -287,8 +264,7 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
 
 def _wait_exit(pid: int, timeout: float) -> bool:
     """Wait up to ``timeout`` for ``pid`` to exit (reaping it if it is our child)."""
-    with _children_lock:
-        proc = _children.get(pid)
+    proc = _children.get(pid)
     if proc is not None:
         try:
             proc.wait(timeout=timeout)
@@ -317,7 +293,4 @@ def _reap(pid: int) -> None:
 
 def reap_exited() -> None:
     """Reap every replica this process started that has exited (no zombies in a long server)."""
-    with _children_lock:
-        pids = list(_children)
-    for pid in pids:
-        exit_code(pid)
+    _children.reap_exited()
