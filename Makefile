@@ -1,6 +1,9 @@
 # The README's commands. Each creates .venv and installs what it needs on first use, so they work
-# in a fresh clone with nothing but python3 (and, for the PostgreSQL tests, Debian's `postgresql`
-# package: .ci/run installs it; elsewhere those tests skip without it).
+# in a fresh Debian clone with nothing but python3: `make test` also installs the Debian packages
+# the suite needs (PostgreSQL, chromium) when it can (root or passwordless sudo) and otherwise says
+# which tests skip and why (scripts/system-packages.sh).
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -21,13 +24,18 @@ $(STAMP): pyproject.toml
 	@# a venv whose pip does not run (an interrupted first attempt) is made again
 	@$(BIN)/python -m pip --version >/dev/null 2>&1 || $(PY) -m venv --clear $(VENV)
 	@# torch==2.13.0 is pinned so pip takes the CPU build on this machine's disk (pip.conf)
-	$(BIN)/python -m pip install -q -e ".[demo,dev,postgres]"
+	@echo "make: installing shipyard and its dependencies into $(VENV) (PyTorch CPU included;"
+	@echo "make: a few minutes the first time, then only when pyproject.toml changes)"
+	$(BIN)/python -m pip install --progress-bar off -e ".[demo,dev,postgres]" \
+		| { grep --line-buffered -E '^(Collecting|Successfully)'; true; }
+	@echo "make: install done"
 	@rm -f $(VENV)/.installed-*; touch $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/shipyard demo
 
 test: $(STAMP)
+	@bash scripts/system-packages.sh
 	$(BIN)/python -m pytest $(PYTEST_OPTS) $(PYTEST_ARGS)
 
 lint: $(STAMP)
