@@ -6,15 +6,17 @@
 # tests that need a missing package skip with the same reason.
 set -uo pipefail
 export DEBIAN_FRONTEND=noninteractive
+# Where to look for the installed packages: / unless a test points it elsewhere.
+root=${SYSTEM_PACKAGES_ROOT:-}
 
 have_postgres() {
     local bin
-    for bin in /usr/lib/postgresql/*/bin; do
+    for bin in "$root"/usr/lib/postgresql/*/bin; do
         [[ -x $bin/initdb && -x $bin/pg_ctl && -x $bin/postgres ]] && return 0
     done
     command -v initdb >/dev/null && command -v pg_ctl >/dev/null && command -v postgres >/dev/null
 }
-have_chromium() { [[ -x /usr/bin/chromium ]]; }
+have_chromium() { [[ -x $root/usr/bin/chromium ]]; }
 
 missing=()
 have_postgres || missing+=(postgresql)
