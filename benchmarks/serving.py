@@ -20,12 +20,25 @@ Variants:
 
 Every response is checked (status 200, argmax equal to the in-process answer for that row).
 
-Run: ``.venv/bin/python benchmarks/serving.py [--quick] [--requests N] [--concurrency C]``.
+Overload (``replica_overload``, issue 5 item 15): a model that is the bottleneck (a fixed batch
+dimension, so no batching, and ~1 GFLOP a call on one thread) served with load shedding
+(``--max-queue-rows 1 --max-queue-ms`` one model call). First the unloaded latency (one request
+at a time); then an open-loop burst at ``--overload`` (10) times the rate the replica sustains
+one at a time, for ``--overload-seconds``, from asyncio on 64 keep-alive connections (latency
+counted from when each request was due). Reported: admitted p99 / unloaded p99, the share shed
+(429), the shed requests' latency, the shed counts by reason from ``/metrics``, and the latency
+of the first request after the burst. Without ``--quick`` the same burst also runs against a
+replica whose queue is unbounded (``replica_overload_unbounded``: the behaviour before
+shedding), for comparison. ``--only-overload`` runs just these.
+
+Run: ``.venv/bin/python benchmarks/serving.py [--quick] [--requests N] [--concurrency C]
+[--only-overload]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import http.client
 import json
 import os
@@ -79,9 +92,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=16, help="concurrent clients")
     parser.add_argument("--inprocess-calls", type=int, help="session.run calls per in-process run")
     parser.add_argument("--out", type=Path, help="result file (default results/serving.json)")
+    parser.add_argument("--overload", type=float, default=10.0, help="burst rate / capacity")
+    parser.add_argument("--overload-seconds", type=float, help="burst length (default 3, 2 quick)")
+    parser.add_argument(
+        "--only-overload", action="store_true", help="run only the overload scenario"
+    )
     args = parser.parse_args(argv)
     for key in SHIPYARD_ENV:
         os.environ.pop(key, None)
+    overload_seconds = args.overload_seconds or (2.0 if args.quick else 3.0)
+    if args.only_overload:
+        write_result(
+            NAME if args.out else f"{NAME}_overload",
+            run_overload(factor=args.overload, seconds=overload_seconds, quick=args.quick),
+            args.out,
+        )
+        return 0
     result = run(
         requests=args.requests or (600 if args.quick else 5000),
         warmup=args.warmup or (100 if args.quick else 500),
@@ -90,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         configs=QUICK_CONFIGS if args.quick else REPLICA_CONFIGS,
         quick=args.quick,
     )
+    overload = run_overload(factor=args.overload, seconds=overload_seconds, quick=args.quick)
+    result["overload"] = overload
+    result["headline"].extend(overload["headline"])
     write_result(NAME, result, args.out)
     return 0
 
@@ -231,6 +260,289 @@ def run(
             "batch waits the full max_wait_ms; the nobatch and wait0ms configs show the cost.",
         ],
     }
+
+
+# --- overload ----------------------------------------------------------------------------------
+
+HEAVY_NAME = "heavy"
+
+
+def run_overload(*, factor: float, seconds: float, quick: bool) -> dict[str, Any]:
+    """The overload scenario: shedding replica (and, unless quick, an unbounded one)."""
+    model_bytes = build_heavy()
+    call = _heavy_call_seconds(model_bytes)
+    max_queue_ms = max(call * 1000, 5.0)
+    progress(
+        f"  overload: model call {call * 1000:.1f} ms; burst {factor:g}x capacity for "
+        f"{seconds:g} s; shedding with --max-queue-rows 1 --max-queue-ms {max_queue_ms:.1f}"
+    )
+    variants: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="shipyard-bench-overload-") as tmp_name:
+        tmp = Path(tmp_name)
+        from shipyard.blobs import BlobStore
+
+        blobs_url = (tmp / "blobs").as_uri()
+        digest = BlobStore(blobs_url).put_bytes(model_bytes).digest
+        configs = [("replica_overload", ["--max-queue-rows", "1", "--max-queue-ms",
+                                         f"{max_queue_ms:.1f}"])]  # fmt: skip
+        if not quick:
+            configs.append(
+                (
+                    "replica_overload_unbounded",
+                    ["--max-queue-rows", "100000000", "--max-queue-ms", "1e9"],
+                )
+            )
+        for name, flags in configs:
+            variants[name] = bench_overload(
+                tmp / name,
+                blobs_url=blobs_url,
+                digest=digest,
+                flags=flags,
+                factor=factor,
+                seconds=seconds,
+            )
+            v = variants[name]
+            if "skipped" in v:
+                progress(f"  {name}: skipped: {v['skipped']}")
+                continue
+            progress(
+                f"  {name}: unloaded p99 {v['unloaded']['p99_ms']:.1f} ms; {v['offered']} "
+                f"requests at {v['offered_rps']:.0f}/s: admitted p99 "
+                f"{v['admitted'].get('p99_ms', 0):.1f} ms ({v['admitted_p99_vs_unloaded_p99']}x "
+                f"unloaded), {v['share_shed']:.1%} shed; first request after: "
+                f"{v['recovery_ms']:.1f} ms"
+            )
+    headline = []
+    for name, v in variants.items():
+        if "skipped" in v:
+            headline.append({"name": name, "value": None, "skipped": v["skipped"]})
+            continue
+        headline.append(
+            {
+                "name": f"{name}: admitted p99 / unloaded p99",
+                "value": v["admitted_p99_vs_unloaded_p99"],
+                "unit": "x",
+                "detail": f"admitted p99 {v['admitted'].get('p99_ms')} ms, unloaded p99 "
+                f"{v['unloaded']['p99_ms']} ms, {v['share_shed']:.1%} shed at {factor:g}x "
+                "overload",
+            }
+        )
+    return {
+        "workload": {
+            "model": "x [1, 64] -> Expand [2048, 64] -> MatMul 512 -> MatMul 512x512 -> ReLU -> "
+            "mean -> [1, 10]; FP32, fixed batch dimension (no batching), 1 ORT thread",
+            "model_call_ms": round(call * 1000, 2),
+            "overload_factor": factor,
+            "burst_seconds": seconds,
+            "load_generator": "asyncio in the benchmark process, 64 keep-alive connections, "
+            "open loop (request i due at i / rate; latency from when it was due)",
+        },
+        "variants": variants,
+        "headline": headline,
+        "caveats": [
+            "capacity = 1 / median unloaded latency (one request at a time), so the offered "
+            "rate is factor x that; the replica, the load generator and anything else running "
+            "share the machine's cores.",
+            "With 64 connections an unbounded replica turns the open loop into 64 closed-loop "
+            "clients once all are busy; latency still counts from when a request was due.",
+        ],
+    }
+
+
+def bench_overload(
+    where: Path,
+    *,
+    blobs_url: str,
+    digest: str,
+    flags: list[str],
+    factor: float,
+    seconds: float,
+) -> dict[str, Any]:
+    where.mkdir(parents=True)
+    port = free_port()
+    argv = [
+        PYTHON, "-m", "shipyard.serving.replica", "--blobs", blobs_url, "--digest", digest,
+        "--name", HEAVY_NAME, "--version", "1", "--host", "127.0.0.1", "--port", str(port),
+        "--log-level", "warning", *flags,
+    ]  # fmt: skip
+    request = _heavy_request(port)
+    with child(argv, env=child_env(PYTHONUNBUFFERED="1"), log_path=where / "replica.log") as rep:
+        why = wait_http_ok(rep, f"http://127.0.0.1:{port}/v2/health/ready", timeout=60)
+        if why is not None:
+            return {"skipped": f"the replica did not become ready: {why}"}
+        asyncio.run(_sequential(port, request, 5))
+        unloaded = asyncio.run(_sequential(port, request, 40))
+        capacity = 1 / float(np.median(unloaded))
+        before = _shed_counts(port)
+        started = time.perf_counter()
+        results = asyncio.run(_burst(port, request, rate=factor * capacity, seconds=seconds))
+        wall = time.perf_counter() - started
+        recovery = asyncio.run(_sequential(port, request, 1))[0]
+        after = _shed_counts(port)
+        alive = rep.alive()
+    admitted = [sec for status, _, sec in results if status == 200]
+    shed = [sec for status, _, sec in results if status == 429]
+    other = sorted({status for status, _, _ in results} - {200, 429})
+    unloaded_summary = latency_summary(unloaded)
+    admitted_summary = latency_summary(admitted) if admitted else {}
+    return {
+        "unloaded": {"requests": len(unloaded), **unloaded_summary},
+        "capacity_rps": round(capacity, 1),
+        "offered": len(results),
+        "offered_rps": round(factor * capacity, 1),
+        "burst_wall_s": round(wall, 3),
+        "admitted": {"requests": len(admitted), **admitted_summary},
+        "shed": {"requests": len(shed), **(latency_summary(shed) if shed else {})},
+        "other_statuses": other,
+        "share_shed": round(len(shed) / len(results), 4) if results else None,
+        "admitted_p99_vs_unloaded_p99": ratio(
+            admitted_summary.get("p99_ms"), unloaded_summary["p99_ms"]
+        ),
+        "shed_by_reason_from_metrics": {
+            reason: after.get(reason, 0.0) - before.get(reason, 0.0) for reason in after
+        },
+        "recovery_ms": round(recovery * 1000, 3),
+        "replica_alive_after": alive,
+        "command": " ".join(["python", *argv[1:]]),
+    }
+
+
+def build_heavy(rows: int = 2048, width: int = 512, seed: int = 0) -> bytes:
+    """x: FP32 [1, 64] (fixed batch) -> y [1, 10] through a [rows, 64] x [64, width] x
+    [width, width] product (as tests/serving/test_replica_overload.py)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    inits = [
+        numpy_helper.from_array(np.array([rows, N_IN], dtype=np.int64), "shape"),
+        numpy_helper.from_array((rng.standard_normal((N_IN, width)) / 8).astype(np.float32), "W0"),
+        numpy_helper.from_array(
+            (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32), "W1"
+        ),
+        numpy_helper.from_array((rng.standard_normal((width, N_OUT)) / 8).astype(np.float32), "W2"),
+    ]
+    nodes = [
+        helper.make_node("Expand", ["x", "shape"], ["xs"]),
+        helper.make_node("MatMul", ["xs", "W0"], ["h0"]),
+        helper.make_node("MatMul", ["h0", "W1"], ["m1"]),
+        helper.make_node("Relu", ["m1"], ["h1"]),
+        helper.make_node("ReduceMean", ["h1"], ["r"], axes=[0], keepdims=1),
+        helper.make_node("MatMul", ["r", "W2"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "heavy",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, N_IN])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, N_OUT])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.checker.check_model(model)
+    return bytes(model.SerializeToString())
+
+
+def _heavy_call_seconds(model_bytes: bytes) -> float:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    x = np.ones((1, N_IN), dtype=np.float32)
+    times = []
+    for _ in range(15):
+        started = time.perf_counter()
+        session.run(None, {"x": x})
+        times.append(time.perf_counter() - started)
+    return float(np.median(times[3:]))
+
+
+def _heavy_request(port: int) -> bytes:
+    x = np.random.default_rng(0).standard_normal((1, N_IN)).astype(np.float32)
+    tensor = {"name": "x", "shape": [1, N_IN], "datatype": "FP32", "data": x.ravel().tolist()}
+    body = json.dumps({"inputs": [tensor]}).encode()
+    head = (
+        f"POST /v2/models/{HEAVY_NAME}/infer HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    return head + body
+
+
+async def _exchange(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes, started: float
+) -> tuple[int, dict[str, str], float]:
+    writer.write(request)
+    head = await reader.readuntil(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").rstrip("\r\n").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}
+    await reader.readexactly(int(headers.get("content-length", "0")))
+    return int(status_line.split()[1]), headers, time.perf_counter() - started
+
+
+async def _sequential(port: int, request: bytes, count: int) -> list[float]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        latencies = []
+        for _ in range(count):
+            status, _, sec = await _exchange(reader, writer, request, time.perf_counter())
+            if status != 200:
+                raise AssertionError(f"an unloaded request got HTTP {status}")
+            latencies.append(sec)
+        return latencies
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def _burst(
+    port: int, request: bytes, *, rate: float, seconds: float, connections: int = 64
+) -> list[tuple[int, dict[str, str], float]]:
+    pool: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
+    opened = [await asyncio.open_connection("127.0.0.1", port) for _ in range(connections)]
+    for conn in opened:
+        pool.put_nowait(conn)
+    results: list[tuple[int, dict[str, str], float]] = []
+
+    async def one(due: float) -> None:
+        conn = await pool.get()
+        try:
+            results.append(await _exchange(*conn, request, due))
+        finally:
+            pool.put_nowait(conn)
+
+    start = time.perf_counter()
+    tasks = []
+    try:
+        for i in range(int(rate * seconds)):
+            due = start + i / rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.ensure_future(one(due)))
+        await asyncio.wait_for(asyncio.gather(*tasks), timeout=600)
+    finally:
+        for _, writer in opened:
+            writer.close()
+        await asyncio.gather(*(w.wait_closed() for _, w in opened), return_exceptions=True)
+    return results
+
+
+def _shed_counts(port: int) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "shipyard_serving_shed_requests_total":
+                counts[sample.labels["reason"]] = sample.value
+    return counts
 
 
 # --- the model ---------------------------------------------------------------------------------

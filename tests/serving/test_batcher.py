@@ -2,13 +2,20 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import pytest
 
 from shipyard.errors import InvalidStateError
-from shipyard.serving.batcher import Batcher
+from shipyard.serving.batcher import (
+    SHED_QUEUE_FULL,
+    SHED_QUEUE_TIME,
+    Arrays,
+    Batcher,
+    OverloadedError,
+)
 from shipyard.serving.runtime import load_model
 from tests.onnx_models import linear_model
 
@@ -171,3 +178,127 @@ def test_submit_needs_a_started_batcher_and_sane_limits() -> None:
         asyncio.run(batcher.submit({"x": np.zeros((1, 1))}))
     with pytest.raises(ValueError, match="max_batch_size"):
         Batcher(lambda inputs: dict(inputs), max_batch_size=0)
+
+
+# --- load shedding (issue 5, item 15) -------------------------------------------------------
+
+
+def _gated() -> tuple[threading.Event, threading.Event, list[int], Callable[..., Arrays]]:
+    """A model whose calls block until ``release`` is set; ``entered`` once one has begun."""
+    entered, release = threading.Event(), threading.Event()
+    calls: list[int] = []
+
+    def predict(inputs: Mapping[str, np.ndarray]) -> Arrays:
+        calls.append(len(inputs["x"]))
+        entered.set()
+        release.wait(10)
+        return {"y": np.asarray(inputs["x"])}
+
+    return entered, release, calls, predict
+
+
+def test_a_full_queue_sheds_at_once_and_frees_its_place_when_a_caller_leaves() -> None:
+    entered, release, calls, predict = _gated()
+
+    async def scenario() -> tuple[list[object], OverloadedError, int]:
+        batcher = Batcher(predict, max_batch_size=1, max_wait_ms=0, max_queue_rows=2)
+        await batcher.start()
+        try:
+            running = asyncio.ensure_future(batcher.submit({"x": np.zeros((1, 1))}))
+            await asyncio.to_thread(entered.wait, 10)  # the first request is with the model
+            queued = [
+                asyncio.ensure_future(batcher.submit({"x": np.full((1, 1), i)})) for i in (1, 2)
+            ]
+            await asyncio.sleep(0)  # let them enqueue
+            assert batcher.queued_rows == 2
+            with pytest.raises(OverloadedError) as shed:
+                await batcher.submit({"x": np.full((1, 1), 3)})
+            also_shed = asyncio.ensure_future(batcher.submit({"x": np.full((1, 1), 4)}))
+            await asyncio.sleep(0)
+            # a caller that goes away (cancelled: its client disconnected) frees its rows
+            queued[1].cancel()
+            await asyncio.gather(queued[1], return_exceptions=True)
+            after_cancel = batcher.queued_rows
+            release.set()
+            results = await asyncio.gather(running, queued[0], also_shed, return_exceptions=True)
+            return list(results), shed.value, after_cancel
+        finally:
+            release.set()
+            await batcher.stop()
+
+    results, shed, after_cancel = asyncio.run(scenario())
+    assert shed.reason == SHED_QUEUE_FULL and shed.retry_after >= 1
+    assert "2 rows are queued and at most 2" in shed.message
+    # a task submitted while 2 were queued was shed too
+    assert isinstance(results[2], OverloadedError), results
+    assert after_cancel == 1
+    assert [float(np.ravel(r["y"])[0]) for r in results[:2]] == [0.0, 1.0]  # type: ignore[index]
+    assert calls == [1, 1]  # the shed and the cancelled requests never reached the model
+
+
+def test_a_predicted_wait_over_max_queue_ms_is_shed_at_once() -> None:
+    def slow_model(inputs: Mapping[str, np.ndarray]) -> Arrays:
+        time.sleep(0.2)  # the model itself is slow: 200 ms a call
+        return {"y": np.asarray(inputs["x"])}
+
+    async def scenario() -> tuple[list[object], list[str]]:
+        batcher = Batcher(slow_model, max_batch_size=1, max_wait_ms=0, max_queue_ms=300)
+        await batcher.start()
+        order: list[str] = []
+
+        async def one(i: int) -> object:
+            try:
+                return await batcher.submit({"x": np.full((1, 1), i)})
+            except OverloadedError as exc:
+                return exc
+            finally:
+                order.append(str(i))
+
+        try:
+            await batcher.submit({"x": np.zeros((1, 1))})  # calibrates: one call takes ~200 ms
+            # submitted in one go, before the batcher runs any: predicted waits 0, 200, 400, 600
+            results = await asyncio.gather(*(one(i) for i in range(4)))
+            return results, order
+        finally:
+            await batcher.stop()
+
+    results, order = asyncio.run(scenario())
+    assert [isinstance(r, dict) for r in results] == [True, True, False, False], results
+    for shed in results[2:]:
+        assert isinstance(shed, OverloadedError) and shed.reason == SHED_QUEUE_TIME
+        assert "over the limit of 300 ms" in shed.message
+    assert order[:2] == ["2", "3"]  # refused at once, before the admitted ones were answered
+
+
+def test_a_request_that_waited_past_max_queue_ms_is_shed_not_run() -> None:
+    entered, release, calls, predict = _gated()
+
+    async def scenario() -> list[object]:
+        batcher = Batcher(predict, max_batch_size=1, max_wait_ms=0, max_queue_ms=50)
+        await batcher.start()
+        try:
+            # no model call has finished yet, so nothing predicts the wait: both are admitted
+            first = asyncio.ensure_future(batcher.submit({"x": np.zeros((1, 1))}))
+            await asyncio.to_thread(entered.wait, 10)
+            second = asyncio.ensure_future(batcher.submit({"x": np.ones((1, 1))}))
+            queued_at = time.monotonic()
+            await asyncio.sleep(0.1)  # the model call outlasts the 50 ms the second may wait
+            assert time.monotonic() - queued_at > 0.05
+            release.set()
+            return list(await asyncio.gather(first, second, return_exceptions=True))
+        finally:
+            release.set()
+            await batcher.stop()
+
+    first, second = asyncio.run(scenario())
+    assert isinstance(first, dict)
+    assert isinstance(second, OverloadedError) and second.reason == SHED_QUEUE_TIME
+    assert "waited" in second.message and second.retry_after >= 1
+    assert calls == [1]
+
+
+def test_shedding_limits_must_be_sane() -> None:
+    with pytest.raises(ValueError, match="max_queue_rows"):
+        Batcher(lambda inputs: dict(inputs), max_queue_rows=0)
+    with pytest.raises(ValueError, match="max_queue_ms"):
+        Batcher(lambda inputs: dict(inputs), max_queue_ms=0)

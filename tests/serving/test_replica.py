@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from shipyard.errors import InvalidInputError
+from shipyard.serving.protocol import json_depth, parse_json
 from shipyard.serving.replica import create_app, parse_size
 from shipyard.serving.runtime import OnnxModel, load_model
 from tests.conftest import wait_for
@@ -182,6 +184,41 @@ def test_malformed_json_is_400(client: TestClient) -> None:
     )
     assert response.status_code == 400
     assert "not valid JSON" in response.json()["error"]
+
+
+def test_deeply_nested_json_is_400_naming_the_depth_not_a_500(client: TestClient) -> None:
+    # 60 KB of brackets exhausted the JSON decoder's recursion: RecursionError, HTTP 500
+    started = time.perf_counter()
+    response = client.post(
+        INFER, content=b"[" * 60_000, headers={"content-type": "application/json"}
+    )
+    elapsed = time.perf_counter() - started
+    assert response.status_code == 400, response.text
+    assert "nests JSON arrays/objects 60000 levels deep; at most 64" in response.json()["error"]
+    assert elapsed < 5  # generous: it is refused by a linear scan, before parsing
+
+    deep = "[" * 100 + "1" + "]" * 100  # well-formed, inside a tensor, still too deep
+    body = '{"inputs":[{"name":"x","shape":[1,64],"datatype":"FP32","data":' + deep + "}]}"
+    response = client.post(INFER, content=body.encode())
+    assert response.status_code == 400 and "103 levels deep" in response.json()["error"]
+    assert _metric(client, "shipyard_serving_requests_total", code="500") == 0
+    # the replica still serves, and nested (rank-2) data is fine
+    response = client.post(INFER, json={"inputs": [_tensor(data=_x(1).tolist())]})
+    assert response.status_code == 200, response.text
+
+
+def test_parse_json_ignores_brackets_inside_strings_and_refuses_deep_nesting() -> None:
+    brackets = "[{" * 5000
+    assert parse_json(json.dumps({"data": [brackets, 'a"\\[', "\n[[["]}).encode()) == {
+        "data": [brackets, 'a"\\[', "\n[[["]
+    }
+    assert parse_json(b"[" * 64 + b"]" * 64) is not None  # the limit itself is accepted
+    assert json_depth(b'{"a": [[1], [2, [3]]]}', limit=1) == 4
+    with pytest.raises(InvalidInputError, match="65 levels deep") as info:
+        parse_json(b"[" * 65 + b"]" * 65)
+    assert info.value.field == "body"
+    with pytest.raises(InvalidInputError, match="not valid JSON"):
+        parse_json(b'{"a": "\xff\xfe"')
 
 
 def test_binary_extension_requests_are_refused_clearly(client: TestClient) -> None:

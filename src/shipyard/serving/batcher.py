@@ -11,12 +11,21 @@ output back to its request by row offsets. Under light load a request waits at m
 A batch that fails, or whose outputs do not have one row per input row, is re-run one request at
 a time, so one bad request never fails its neighbours and a model that is not batch-wise is still
 answered correctly.
+
+Load shedding: the queue is bounded in rows (``max_queue_rows``) and in time (``max_queue_ms``,
+the longest a request may wait for its batch to start). A request beyond either bound is refused
+at once with :class:`OverloadedError` (HTTP 429 with ``Retry-After`` in the replica): when the
+queue is full, or when the wait predicted from the recent model-call time and the rows ahead of
+it would exceed the time bound; a request that still waits longer than that (the prediction was
+low) is refused when it reaches the head of the queue instead of being run late. So under any
+overload the requests that are admitted keep a bounded latency and the rest are answered fast.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Hashable, Iterator, Mapping
@@ -25,11 +34,31 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from shipyard.errors import InvalidStateError
+from shipyard.errors import InvalidStateError, ShipyardError
 
 Arrays = dict[str, np.ndarray]
 PredictFn = Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]]
 BatchObserver = Callable[[int, float], None]  # (rows in the batch, seconds the model took)
+
+SHED_QUEUE_FULL = "queue_full"
+SHED_QUEUE_TIME = "queue_time"
+_EWMA = 0.2  # weight of the newest model call in the running estimate of a call's duration
+
+
+class OverloadedError(ShipyardError):
+    """The request is shed: the queue is full or its wait would exceed the bound (HTTP 429).
+
+    ``reason`` is :data:`SHED_QUEUE_FULL` or :data:`SHED_QUEUE_TIME`; ``retry_after`` is the
+    whole number of seconds (at least 1) after which the queue should have drained.
+    """
+
+    code = "overloaded"
+    http_status = 429
+
+    def __init__(self, message: str, *, reason: str, retry_after: float) -> None:
+        super().__init__(message, field=None, reason=reason)
+        self.reason = reason
+        self.retry_after = max(1, math.ceil(retry_after))
 
 
 @dataclass
@@ -39,6 +68,7 @@ class _Pending:
     key: Hashable
     future: asyncio.Future[Arrays]
     enqueued: float = field(default_factory=time.monotonic)
+    counted: bool = True  # its rows count in Batcher.queued_rows
 
 
 class Batcher:
@@ -61,14 +91,22 @@ class Batcher:
         max_wait_ms: float = 5.0,
         on_batch: BatchObserver | None = None,
         workers: int = 1,
+        max_queue_rows: int | None = None,
+        max_queue_ms: float | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
         if max_wait_ms < 0:
             raise ValueError("max_wait_ms must not be negative")
+        if max_queue_rows is not None and max_queue_rows < 1:
+            raise ValueError("max_queue_rows must be at least 1")
+        if max_queue_ms is not None and max_queue_ms <= 0:
+            raise ValueError("max_queue_ms must be positive")
         self.predict = predict
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000.0
+        self.max_queue_rows = max_queue_rows
+        self.max_queue = None if max_queue_ms is None else max_queue_ms / 1000.0
         self.on_batch = on_batch
         self.batch_sizes: Counter[int] = Counter()  # rows per model call -> how many calls
         self._workers = workers
@@ -78,10 +116,14 @@ class Batcher:
         self._current: list[_Pending] = []  # the batch being run
         self._task: asyncio.Task[None] | None = None
         self._arriving = 0
+        self._queued_rows = 0  # rows submitted and not yet taken into a batch (or dropped)
+        self._call_seconds: float | None = None  # running estimate of one model call
+        self._call_started: float | None = None  # monotonic start of the call in progress
 
     @contextlib.contextmanager
     def arriving(self) -> Iterator[None]:
-        """Mark a request as on its way to :meth:`submit` (wrap its reading and decoding)."""
+        """Mark a request as on its way to :meth:`submit` (wrap its decoding, once its body is
+        read: a request still being uploaded must not make batches wait for it)."""
         self._arriving += 1
         try:
             yield
@@ -91,6 +133,46 @@ class Batcher:
     @property
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
+
+    @property
+    def queued_rows(self) -> int:
+        """Rows waiting for a batch (not counting the batch being run)."""
+        return self._queued_rows
+
+    def expected_wait(self) -> float:
+        """Seconds a request submitted now would wait for its batch to start (an estimate from
+        the recent model-call time; 0 before the first call)."""
+        per_call = self._call_seconds
+        if per_call is None:
+            return 0.0
+        started = self._call_started
+        remaining = 0.0 if started is None else max(0.0, per_call - (time.monotonic() - started))
+        return remaining + (self._queued_rows // self.max_batch_size) * per_call
+
+    def admit(self, rows: int = 1) -> None:
+        """Raise :class:`OverloadedError` if a request of ``rows`` rows would be shed now.
+
+        Cheap: call it before reading and decoding a request, to refuse it before that work.
+        :meth:`submit` checks again.
+        """
+        queued = self._queued_rows
+        if self.max_queue_rows is not None and queued and queued + rows > self.max_queue_rows:
+            raise OverloadedError(
+                f"the replica is overloaded: {queued} rows are queued and at most "
+                f"{self.max_queue_rows} may be (--max-queue-rows); retry later",
+                reason=SHED_QUEUE_FULL,
+                retry_after=self._drain_seconds(),
+            )
+        if self.max_queue is not None:
+            wait = self.expected_wait()
+            if wait > self.max_queue:
+                raise OverloadedError(
+                    f"the replica is overloaded: a request would wait about {wait * 1000:.0f} ms "
+                    f"for the model, over the limit of {self.max_queue * 1000:.0f} ms "
+                    "(--max-queue-ms); retry later",
+                    reason=SHED_QUEUE_TIME,
+                    retry_after=self._drain_seconds(),
+                )
 
     async def start(self) -> None:
         if self.running:
@@ -108,6 +190,7 @@ class Batcher:
         leftover = [*self._current, *self._held]
         self._current = []
         self._held.clear()
+        self._queued_rows = 0
         while self._queue is not None and not self._queue.empty():
             leftover.append(self._queue.get_nowait())
         for item in leftover:
@@ -123,8 +206,13 @@ class Batcher:
         if not self.running or self._queue is None:
             raise InvalidStateError("the batcher is not running")
         rows, key = _batch_key(inputs)
+        self.admit(rows)
         future: asyncio.Future[Arrays] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Pending(inputs=inputs, rows=rows, key=key, future=future))
+        item = _Pending(inputs=inputs, rows=rows, key=key, future=future)
+        self._queued_rows += rows
+        # A caller that goes away (cancelled) frees its place in the queue at once.
+        future.add_done_callback(lambda f: self._release(item) if f.cancelled() else None)
+        self._queue.put_nowait(item)
         return await future
 
     # --- the loop ---------------------------------------------------------------------------
@@ -142,7 +230,10 @@ class Batcher:
     async def _collect(self) -> list[_Pending]:
         """The next batch: the first request plus whatever arrives within ``max_wait``."""
         assert self._queue is not None
-        first = self._held.popleft() if self._held else await self._queue.get()
+        while True:
+            first = self._held.popleft() if self._held else await self._queue.get()
+            if self._take(first):
+                break
         batch = [first]
         rows = first.rows
         loop = asyncio.get_running_loop()
@@ -161,14 +252,47 @@ class Batcher:
                         item = await asyncio.wait_for(self._queue.get(), remaining)
                     except TimeoutError:
                         break
-            if item.future.done():  # the caller went away (cancelled)
+            if not self._take(item):  # the caller went away, or it waited too long
                 continue
             if rows + item.rows > self.max_batch_size:
+                item.counted = True
+                self._queued_rows += item.rows
                 self._held.appendleft(item)
                 break
             batch.append(item)
             rows += item.rows
         return [item for item in batch if not item.future.done()]
+
+    def _take(self, item: _Pending) -> bool:
+        """Take ``item`` off the queue; False (and shed it) if it is done or waited too long."""
+        self._release(item)
+        if item.future.done():
+            return False
+        waited = time.monotonic() - item.enqueued
+        if self.max_queue is not None and waited > self.max_queue:
+            item.future.set_exception(
+                OverloadedError(
+                    f"the replica is overloaded: the request waited {waited * 1000:.0f} ms for "
+                    f"the model, over the limit of {self.max_queue * 1000:.0f} ms "
+                    "(--max-queue-ms); retry later",
+                    reason=SHED_QUEUE_TIME,
+                    retry_after=self._drain_seconds(),
+                )
+            )
+            return False
+        return True
+
+    def _release(self, item: _Pending) -> None:
+        if item.counted:
+            item.counted = False
+            self._queued_rows -= item.rows
+
+    def _drain_seconds(self) -> float:
+        """Seconds until everything queued now has started: what ``Retry-After`` says."""
+        calls = math.ceil(self._queued_rows / self.max_batch_size)
+        return self.expected_wait() + (calls - self._queued_rows // self.max_batch_size) * (
+            self._call_seconds or 0.0
+        )
 
     async def _run_group(self, group: list[_Pending]) -> None:
         if not group:
@@ -216,8 +340,16 @@ class Batcher:
 
     def _timed(self, inputs: Mapping[str, np.ndarray], rows: int) -> Arrays:
         started = time.perf_counter()
-        outputs = {name: np.asarray(value) for name, value in self.predict(inputs).items()}
-        elapsed = time.perf_counter() - started
+        self._call_started = time.monotonic()
+        try:
+            outputs = {name: np.asarray(value) for name, value in self.predict(inputs).items()}
+        finally:
+            self._call_started = None
+            elapsed = time.perf_counter() - started
+            previous = self._call_seconds
+            self._call_seconds = (
+                elapsed if previous is None else (1 - _EWMA) * previous + _EWMA * elapsed
+            )
         self.batch_sizes[rows] += 1
         if self.on_batch is not None:
             self.on_batch(rows, elapsed)

@@ -5,11 +5,17 @@ request is answered with a 400 naming the input and the reason (unknown or missi
 datatype, a shape that does not match the signature, data whose length does not match its shape,
 non-numeric data) instead of an ONNX Runtime error, and never joins a batch. Tensor data may be
 flat (row-major, as the protocol specifies) or nested lists of the declared shape.
+
+:func:`parse_json` reads the raw body. It refuses JSON nested deeper than
+:data:`MAX_JSON_DEPTH` arrays/objects *before* parsing (a body of 60 KB of ``[`` would otherwise
+exhaust the recursion limit of the JSON decoder and of everything that walks the result).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +27,15 @@ from shipyard.serving.runtime import NUMPY_DTYPES, OIP_DATATYPES, TensorSpec
 
 _OIP_BY_DTYPE: dict[np.dtype, str] = {dtype: name for name, dtype in NUMPY_DTYPES.items()}
 
+# Arrays/objects nested inside each other. An OIP body needs 4 levels plus the rank of a nested
+# tensor (numpy has at most 64 dimensions), so 64 leaves room and keeps every recursion shallow.
+MAX_JSON_DEPTH = 64
+# For the depth scan only brackets, quotes and what may follow a backslash in a JSON string
+# matter; everything else (the digits of a tensor) is deleted first, in C.
+_DEPTH_KEEP = b'[]{}"\\/bfnrtu'
+_DEPTH_DROP = bytes(b for b in range(256) if b not in _DEPTH_KEEP)
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+
 
 @dataclass(frozen=True)
 class InferenceRequest:
@@ -30,6 +45,47 @@ class InferenceRequest:
     inputs: dict[str, np.ndarray]
     outputs: list[str]  # requested output names, in the model's order when none were named
     parameters: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_json(body: bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """Parse a request body; :class:`InvalidInputError` (``field="body"``) when it is not JSON
+    or nests arrays/objects deeper than ``max_depth``. NaN and Infinity are accepted."""
+    depth = json_depth(body, limit=max_depth)
+    if depth > max_depth:
+        raise InvalidInputError(
+            f"the request body nests JSON arrays/objects {depth} levels deep; at most "
+            f"{max_depth} are accepted (send tensor data flat, row-major, with its 'shape')",
+            field="body",
+        )
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidInputError(
+            f"the request body is not valid JSON: {exc}", field="body"
+        ) from None
+    except RecursionError:  # only for invalid JSON the scan misjudged; never a 500
+        raise InvalidInputError(
+            f"the request body nests JSON arrays/objects deeper than {max_depth} levels",
+            field="body",
+        ) from None
+
+
+def json_depth(body: bytes, *, limit: int = MAX_JSON_DEPTH) -> int:
+    """How deep arrays/objects nest in ``body`` (brackets inside strings do not count).
+
+    Any value up to ``limit`` may be returned for a body that nests no deeper than ``limit``
+    (a body with at most ``limit`` opening brackets is not scanned at all). Linear time, in C
+    and numpy: about 25 ms for a 26 MB tensor body.
+    """
+    if body.count(b"[") + body.count(b"{") <= limit:
+        return 0
+    skeleton = _JSON_STRING.sub(b"", body.translate(None, _DEPTH_DROP))
+    chars = np.frombuffer(skeleton, dtype=np.uint8)
+    if chars.size == 0:
+        return 0
+    opens = (chars == ord("[")) | (chars == ord("{"))
+    closes = (chars == ord("]")) | (chars == ord("}"))
+    return int(np.cumsum(opens.astype(np.int64) - closes).max())
 
 
 def decode_request(

@@ -9,8 +9,17 @@ status 1; it is never served half-loaded.
 
 Endpoints: ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/{name}[/versions/
 {v}]``, ``.../ready``, ``POST .../infer`` and ``GET /metrics`` (Prometheus text, from a registry
-of the app's own). Errors follow the protocol: ``{"error": "..."}`` with 400 for a bad request,
-404 for an unknown model or version, 413 for a body over the limit.
+of the app's own). Errors follow the protocol: ``{"error": "..."}`` with 400 for a bad request
+(also JSON nested deeper than 64 levels), 404 for an unknown model or version, 408 for a body
+not received within ``--body-timeout`` seconds, 413 for a body over the limit and 429 with
+``Retry-After`` when the request is shed (see below).
+
+Overload: the batcher's queue is bounded (``--max-queue-rows``, ``--max-queue-ms``: the longest
+a request may wait for the model); a request beyond either bound gets 429 at once, counted in
+``shipyard_serving_shed_requests_total{reason}``. A request counts toward the batcher (and may
+make a batch wait for it) only once its body is fully read, so a slow uploader delays nobody.
+A client that goes away before its answer is counted with code 499 and logged in one line; a
+request still queued when its client leaves is dropped, not run.
 """
 
 from __future__ import annotations
@@ -26,10 +35,10 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any
+from typing import Any, TypeVar
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -43,6 +52,8 @@ from prometheus_client import (
     generate_latest,
 )
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from shipyard.blobs.store import BlobStore
 from shipyard.domain.names import validate_name
@@ -53,18 +64,44 @@ from shipyard.errors import (
     PayloadTooLargeError,
     ShipyardError,
 )
-from shipyard.serving.batcher import Batcher
-from shipyard.serving.protocol import InferenceRequest, decode_request, encode_output
+from shipyard.serving.batcher import Batcher, OverloadedError
+from shipyard.serving.protocol import (
+    InferenceRequest,
+    decode_request,
+    encode_output,
+    parse_json,
+)
 from shipyard.serving.runtime import PLATFORM, OnnxModel, load_model_from_blobs
 
 _log = logging.getLogger("shipyard.serving.replica")
 
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+DEFAULT_BODY_TIMEOUT_S = 5.0
+DEFAULT_MAX_QUEUE_ROWS = 256
+DEFAULT_MAX_QUEUE_MS = 1000.0
+CLIENT_GONE = 499  # the status counted (never sent) for a client that left before its answer
 _INLINE_DECODE_BYTES = 64 * 1024
 SERVER_NAME = "shipyard"
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+T = TypeVar("T")
+
+
+class RequestTimeoutError(InvalidInputError):
+    """The request body did not arrive within the body-read timeout (HTTP 408)."""
+
+    code = "request_timeout"
+    http_status = 408
+
+
+class _ClientGone(Exception):
+    """The client closed its connection before the answer; ``when`` says at which point."""
+
+    def __init__(self, when: str) -> None:
+        super().__init__(when)
+        self.when = when
 
 
 class ReplicaMetrics:
@@ -107,9 +144,25 @@ class ReplicaMetrics:
             ["model", "version"],
             registry=self.registry,
         ).labels(**labels)
+        self._shed = Counter(
+            "shipyard_serving_shed_requests",
+            "Requests refused with 429 because the queue was full (queue_full) or their wait "
+            "for the model would exceed, or exceeded, --max-queue-ms (queue_time)",
+            ["model", "version", "reason"],
+            registry=self.registry,
+        )
+        self.queued_rows = Gauge(
+            "shipyard_serving_queued_rows",
+            "Rows waiting for a batch",
+            ["model", "version"],
+            registry=self.registry,
+        ).labels(**labels)
 
     def count_request(self, code: int) -> None:
         self._requests.labels(code=str(code), **self._labels).inc()
+
+    def count_shed(self, reason: str) -> None:
+        self._shed.labels(reason=reason, **self._labels).inc()
 
     def observe_batch(self, rows: int, seconds: float) -> None:
         self.batch_size.observe(rows)
@@ -129,6 +182,9 @@ class ReplicaState:
     max_wait_ms: float
     max_body_bytes: int
     metrics: ReplicaMetrics
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
+    max_queue_rows: int | None = DEFAULT_MAX_QUEUE_ROWS
+    max_queue_ms: float | None = DEFAULT_MAX_QUEUE_MS
     model: OnnxModel | None = None
     batcher: Batcher | None = None
     load_error: str | None = None
@@ -149,8 +205,11 @@ class ReplicaState:
             max_batch_size=self.max_batch_size if model.batchable else 1,
             max_wait_ms=self.max_wait_ms,
             on_batch=self.metrics.observe_batch,
+            max_queue_rows=self.max_queue_rows,
+            max_queue_ms=self.max_queue_ms,
         )
         await batcher.start()
+        self.metrics.queued_rows.set_function(lambda: batcher.queued_rows)
         self.model, self.batcher = model, batcher
         self.metrics.ready.set(1)
 
@@ -181,12 +240,16 @@ def create_app(
     max_batch_size: int = 32,
     max_wait_ms: float = 5.0,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+    max_queue_rows: int | None = DEFAULT_MAX_QUEUE_ROWS,
+    max_queue_ms: float | None = DEFAULT_MAX_QUEUE_MS,
 ) -> FastAPI:
     """The OIP v2 app for one model version.
 
     Give ``model`` (already loaded) or ``loader`` (run in a thread at startup; the replica
     answers live at once and ready only when it has finished). The batcher starts and stops
-    with the app's lifespan.
+    with the app's lifespan. ``max_queue_rows``/``max_queue_ms`` bound the batcher's queue
+    (None: unbounded); ``body_timeout_s`` bounds the time to receive a request body.
     """
     state = ReplicaState(
         name=name,
@@ -195,6 +258,9 @@ def create_app(
         max_wait_ms=max_wait_ms,
         max_body_bytes=max_body_bytes,
         metrics=ReplicaMetrics(model=name, version=str(version)),
+        body_timeout_s=body_timeout_s,
+        max_queue_rows=max_queue_rows,
+        max_queue_ms=max_queue_ms,
     )
 
     @contextlib.asynccontextmanager
@@ -212,6 +278,7 @@ def create_app(
         title=f"shipyard replica: {name}", lifespan=lifespan, docs_url=None, redoc_url=None
     )
     app.state.replica = state
+    app.add_middleware(_ShedEarly, state=state)
 
     @app.exception_handler(ShipyardError)
     async def _shipyard_error(_request: Request, exc: ShipyardError) -> JSONResponse:
@@ -276,6 +343,16 @@ def main(argv: list[str] | None = None) -> int:
             raise InvalidInputError("--max-batch-size must be at least 1", field="--max-batch-size")
         if args.max_wait_ms < 0:
             raise InvalidInputError("--max-wait-ms must not be negative", field="--max-wait-ms")
+        if not args.body_timeout > 0:
+            raise InvalidInputError(
+                "--body-timeout must be a positive number of seconds", field="--body-timeout"
+            )
+        if args.max_queue_rows < 1:
+            raise InvalidInputError("--max-queue-rows must be at least 1", field="--max-queue-rows")
+        if not args.max_queue_ms > 0:
+            raise InvalidInputError(
+                "--max-queue-ms must be a positive number of milliseconds", field="--max-queue-ms"
+            )
         if args.fd is None:
             _require_loopback(args.host)
     except ShipyardError as exc:
@@ -307,7 +384,11 @@ def main(argv: list[str] | None = None) -> int:
         max_batch_size=args.max_batch_size,
         max_wait_ms=args.max_wait_ms,
         max_body_bytes=max_body,
+        body_timeout_s=args.body_timeout,
+        max_queue_rows=args.max_queue_rows,
+        max_queue_ms=args.max_queue_ms,
     )
+    _log_to_stderr(args.log_level)
     config = uvicorn.Config(
         app,
         host=args.host,
@@ -345,14 +426,61 @@ def parse_size(value: str | int) -> int:
 # --- helpers ------------------------------------------------------------------------------------
 
 
+class _ShedEarly:
+    """Answer 429 to an inference request the batcher would refuse, before routing, reading or
+    parsing it: under overload a refusal must cost as little as possible."""
+
+    def __init__(self, app: ASGIApp, *, state: ReplicaState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        batcher = self.state.batcher
+        if (
+            batcher is not None
+            and scope["type"] == "http"
+            and scope["method"] == "POST"
+            and scope["path"].endswith("/infer")
+        ):
+            try:
+                batcher.admit()
+            except OverloadedError as exc:
+                await _shed(self.state, exc)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _shed(state: ReplicaState, exc: OverloadedError) -> Response:
+    state.metrics.count_shed(exc.reason)
+    state.metrics.count_request(429)
+    return _error(429, exc.message, headers={"Retry-After": str(exc.retry_after)})
+
+
 async def _infer(
     state: ReplicaState, request: Request, model_name: str, version: str | None
 ) -> Response:
     started = time.perf_counter()
     try:
         response = await _infer_inner(state, request, model_name, version)
+    except OverloadedError as exc:
+        state.metrics.request_latency.observe(time.perf_counter() - started)
+        return _shed(state, exc)  # counted there
+    except _ClientGone as gone:  # not an error of ours: one line, no traceback
+        client = f"{request.client.host}:{request.client.port}" if request.client else "?"
+        _log.info(
+            "client %s went away %s (%s %s); counted as %d",
+            client,
+            gone.when,
+            request.method,
+            request.url.path,
+            CLIENT_GONE,
+        )
+        response = Response(status_code=CLIENT_GONE)
     except ShipyardError as exc:
-        response = _error(_status_for(exc), exc.message)
+        status = _status_for(exc)
+        # The rest of an unread body cannot be skipped cheaply: close the connection after it.
+        headers = {"Connection": "close"} if status in (408, 413) else None
+        response = _error(status, exc.message, headers=headers)
     except Exception as exc:  # a bug, not a bad request: log it, still answer in OIP form
         _log.exception("inference request failed")
         response = _error(500, f"internal error: {type(exc).__name__}: {exc}")
@@ -374,14 +502,15 @@ async def _infer_inner(
             "InferRequestedOutput(..., binary_data=False))",
             field="body",
         )
-    model = state.model
-    with state.batcher.arriving():  # lets the batcher wait for this request, and only then
-        body = await _read_body(request, state.max_body_bytes)
+    model, batcher = state.model, state.batcher
+    batcher.admit()  # shed before reading and decoding anything
+    body = await _read_body(request, state.max_body_bytes, timeout=state.body_timeout_s)
+    with batcher.arriving():  # only now may a batch wait for this request, while it decodes
         if len(body) > _INLINE_DECODE_BYTES:  # keep the event loop free while a big body parses
             decoded = await asyncio.to_thread(_decode, body, model)
         else:
             decoded = _decode(body, model)
-    outputs = await state.batcher.submit(decoded.inputs)
+    outputs = await _unless_client_leaves(request, batcher.submit(decoded.inputs))
     datatypes = {t.name: t.datatype for t in model.outputs}
     content = {
         "model_name": state.name,
@@ -399,16 +528,11 @@ async def _infer_inner(
 
 
 def _decode(body: bytes, model: OnnxModel) -> InferenceRequest:
-    try:
-        payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidInputError(
-            f"the request body is not valid JSON: {exc}", field="body"
-        ) from None
+    payload = parse_json(body)  # refuses JSON nested too deep before it is parsed
     return decode_request(payload, inputs=model.inputs, outputs=model.outputs)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int, *, timeout: float) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLargeError(
@@ -418,16 +542,50 @@ async def _read_body(request: Request, limit: int) -> bytes:
         )
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLargeError(
-                f"the request body is larger than {limit} bytes, the most this replica accepts "
-                "(--max-body-bytes)",
-                field="body",
-            )
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout), contextlib.aclosing(request.stream()) as stream:
+            async for chunk in stream:
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLargeError(
+                        f"the request body is larger than {limit} bytes, the most this replica "
+                        "accepts (--max-body-bytes)",
+                        field="body",
+                    )
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeoutError(
+            f"the request body was not received within {timeout:g} s ({size} bytes arrived); "
+            "send it at once (--body-timeout)",
+            field="body",
+        ) from None
+    except ClientDisconnect:
+        raise _ClientGone("while sending its request body") from None
     return b"".join(chunks)
+
+
+async def _unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``, but cancel it (and raise :class:`_ClientGone`) if the client leaves."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_client_left(request))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for pending in (task, watcher):
+            pending.cancel()
+        await asyncio.wait((task, watcher))
+    if not task.cancelled():
+        return task.result()
+    raise _ClientGone("while its request waited for the model")
+
+
+async def _client_left(request: Request) -> None:
+    """Return when the client closes the connection (the body has been read already)."""
+    try:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+    except Exception:  # the server cannot tell us: never cut a request short for that
+        await asyncio.Future()  # (cancelled once the work is done)
 
 
 def _check_target(state: ReplicaState, model_name: str, version: str | None) -> None:
@@ -471,6 +629,10 @@ def _readiness(state: ReplicaState) -> JSONResponse:
 
 
 def _status_for(exc: ShipyardError) -> int:
+    if isinstance(exc, OverloadedError):
+        return 429
+    if isinstance(exc, RequestTimeoutError):
+        return 408
     if isinstance(exc, PayloadTooLargeError):
         return 413
     if isinstance(exc, InvalidInputError):
@@ -482,8 +644,18 @@ def _status_for(exc: ShipyardError) -> int:
     return 500
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def _error(status: int, message: str, *, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _log_to_stderr(level: str) -> None:
+    """Send the replica's own log lines (``shipyard.*``) to stderr, i.e. the replica log."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+    logger = logging.getLogger("shipyard")
+    logger.addHandler(handler)
+    logger.setLevel(level.upper())
+    logger.propagate = False
 
 
 def _package_version() -> str:
@@ -536,6 +708,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--max-body-bytes", default="8MB", help="largest request body accepted (e.g. 8MB)"
+    )
+    parser.add_argument(
+        "--body-timeout",
+        type=float,
+        default=DEFAULT_BODY_TIMEOUT_S,
+        help="seconds to receive a whole request body; slower uploads get 408",
+    )
+    parser.add_argument(
+        "--max-queue-rows",
+        type=int,
+        default=DEFAULT_MAX_QUEUE_ROWS,
+        help="most rows waiting for the model; beyond it requests get 429 at once",
+    )
+    parser.add_argument(
+        "--max-queue-ms",
+        type=float,
+        default=DEFAULT_MAX_QUEUE_MS,
+        help="longest a request may wait for the model; requests that would wait longer get 429",
     )
     parser.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
