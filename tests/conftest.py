@@ -99,12 +99,17 @@ class LiveServer:
     """A real ``python -m shipyard.server`` process on 127.0.0.1."""
 
     def __init__(
-        self, home: Path, *, auth: bool = False, env: dict[str, str] | None = None
+        self,
+        home: Path,
+        *,
+        auth: bool = False,
+        env: dict[str, str] | None = None,
+        port: int | None = None,  # e.g. a restarted server where the last one listened
     ) -> None:
         import subprocess
         import sys
 
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = home.parent / f"server-{self.port}.log"
         command = [

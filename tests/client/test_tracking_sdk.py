@@ -8,7 +8,7 @@ import shipyard
 from shipyard.client import Client, LocalBackend
 from shipyard.client.tracking import ActiveRun
 from shipyard.context import Context
-from shipyard.domain.models import MetricPoint, RunStatus
+from shipyard.domain.models import LogBatchResult, MetricPoint, RunStatus
 from shipyard.errors import InvalidInputError, InvalidStateError, NotFoundError
 from tests.onnx_models import linear_model
 
@@ -20,9 +20,12 @@ class CountingBackend(LocalBackend):
         super().__init__(ctx)
         self.batches: list[int] = []
 
-    def log_batch(self, run_id: str, *, metrics: list[MetricPoint], params=None, tags=None) -> int:
-        self.batches.append(len(metrics))
-        return super().log_batch(run_id, metrics=metrics, params=params, tags=tags)
+    def log_batch(
+        self, run_id: str, *, metrics: list[MetricPoint], params=None, tags=None, project=None
+    ) -> LogBatchResult:
+        if metrics:
+            self.batches.append(len(metrics))
+        return super().log_batch(run_id, metrics=metrics, params=params, tags=tags, project=project)
 
 
 def _client(ctx: Context) -> tuple[Client, CountingBackend]:
@@ -37,7 +40,7 @@ def test_logging_is_batched_not_one_round_trip_per_call(ctx: Context) -> None:
             run.log({"loss": 1.0 / (step + 1), "acc": step / 3000}, step=step)
     assert sum(backend.batches) == 6000
     assert len(backend.batches) <= 3, backend.batches  # 5000-point buffer + final flush
-    stored = client.runs.get(run.id)
+    stored = client.runs.get(run.id, project="p")
     assert stored.status == RunStatus.FINISHED
     assert stored.metrics == {"loss": pytest.approx(1 / 3000), "acc": pytest.approx(2999 / 3000)}
     assert len(backend.metric_history(run.id, key="loss")) == 3000
@@ -62,7 +65,7 @@ def test_default_steps_advance_and_params_tags(ctx: Context) -> None:
         run.log({"a": 6.0})
     history = client.backend.metric_history(run.id, key="a")
     assert [p.step for p in history] == [0, 1, 10, 11]
-    got = client.runs.get(run.id)
+    got = client.runs.get(run.id, project="p")
     assert got.params == {"lr": "0.01"} and got.tags == {"t": "1"}
 
 
@@ -72,7 +75,7 @@ def test_exception_marks_run_failed_and_bad_values_raise(ctx: Context) -> None:
         with pytest.raises(InvalidInputError, match="not a number"):
             run.log({"x": "abc"})  # type: ignore[dict-item]
         raise RuntimeError("boom")
-    assert client.runs.get(run.id).status == RunStatus.FAILED
+    assert client.runs.get(run.id, project="p").status == RunStatus.FAILED
     with pytest.raises(InvalidStateError):
         run.log({"x": 1.0})
 
@@ -94,7 +97,7 @@ def test_attaches_to_the_job_run_from_env(ctx: Context, monkeypatch: pytest.Monk
     with shipyard.init(client=client) as run:
         assert isinstance(run, ActiveRun) and run.id == created.id
         run.log({"m": 3.0})
-    assert client.runs.get(created.id).metrics == {"m": 3.0}
+    assert client.runs.get(created.id, project="p").metrics == {"m": 3.0}
     monkeypatch.setenv("SHIPYARD_RUN_ID", "missing")
     with pytest.raises(NotFoundError):
         shipyard.init(client=client)
