@@ -130,3 +130,76 @@ def total_sum_model() -> bytes:
         [helper.make_tensor_value_info("total", TensorProto.FLOAT, [])],
     )
     return _model(graph)
+
+
+EXTERNAL_PLACES = ("initializer", "attribute", "subgraph")
+
+
+def external_tensor(name: str, location: str, *, size: int = 4) -> onnx.TensorProto:
+    """An FP32 [size] tensor whose data is declared to be in the file ``location``."""
+    tensor = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=[size])
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", "0"), ("length", str(4 * size))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    return tensor
+
+
+def external_data_model(location: str, *, where: str = "initializer", size: int = 4) -> bytes:
+    """y = x + W (x: FP32 [size]) where W's bytes are declared to sit in the file ``location``.
+
+    ``where`` places the external tensor: a graph ``initializer``, the tensor ``attribute`` of a
+    Constant node, or a Constant inside the ``subgraph`` of an If (then-branch; a second input
+    ``cond`` picks it). Not checked with onnx.checker, which would look for the file.
+    """
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [size])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [size])
+    inputs, initializers = [x], []
+    if where == "initializer":
+        nodes = [helper.make_node("Add", ["x", "W"], ["y"])]
+        initializers = [external_tensor("W", location, size=size)]
+    elif where == "attribute":
+        nodes = [
+            helper.make_node(
+                "Constant", [], ["W"], value=external_tensor("Wc", location, size=size)
+            ),
+            helper.make_node("Add", ["x", "W"], ["y"]),
+        ]
+    elif where == "subgraph":
+        out = helper.make_tensor_value_info("branch", TensorProto.FLOAT, [size])
+        then_branch = helper.make_graph(
+            [
+                helper.make_node(
+                    "Constant", [], ["branch"], value=external_tensor("Wt", location, size=size)
+                )
+            ],
+            "then",
+            [],
+            [out],
+        )
+        else_branch = helper.make_graph(
+            [
+                helper.make_node(
+                    "Constant",
+                    [],
+                    ["branch"],
+                    value=numpy_helper.from_array(np.zeros(size, np.float32), "We"),
+                )
+            ],
+            "else",
+            [],
+            [out],
+        )
+        nodes = [
+            helper.make_node(
+                "If", ["cond"], ["W"], then_branch=then_branch, else_branch=else_branch
+            ),
+            helper.make_node("Add", ["x", "W"], ["y"]),
+        ]
+        inputs.append(helper.make_tensor_value_info("cond", TensorProto.BOOL, []))
+    else:
+        raise ValueError(f"where must be one of {EXTERNAL_PLACES}")
+    graph = helper.make_graph(nodes, f"external_{where}", inputs, [y], initializers)
+    model = helper.make_model(graph, opset_imports=OPSET)
+    model.ir_version = 9
+    return model.SerializeToString()

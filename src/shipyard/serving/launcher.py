@@ -7,6 +7,13 @@ signals its whole process group and a Ctrl-C in the deploying terminal does not 
 outlive the process that deployed them. Their stdout and stderr go to a log file whose tail is
 quoted when a start fails.
 
+Each replica starts in an empty working directory of its own (``mkdtemp``: mode 0700), never in
+the deploying process's: a relative path that something in the replica opens (a model's external
+data reference, a module on ``sys.path[0]``) finds nothing there. The replica runs through this
+module's entry point (``python -m shipyard.serving.launcher --workdir DIR
+shipyard.serving.replica ...``), which removes the directory when the replica exits; stopping a
+replica removes it too, and starting one sweeps those of replicas killed outright.
+
 This is the local backend of serving; the deployment service (``deployments``) holds the rules.
 """
 
@@ -14,13 +21,18 @@ from __future__ import annotations
 
 import contextlib
 import os
+import runpy
+import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 
 import httpx
 import psutil
@@ -33,6 +45,9 @@ from shipyard.security.paths import safe_join
 
 LOG_NAME = "replica.log"
 STOP_GRACE_S = 10.0
+WORKDIR_PREFIX = "shipyard-replica-"
+REPLICA_MODULE = "shipyard.serving.replica"
+WORKDIR_SWEEP_AGE_S = 60.0
 
 # Replicas started by this process (reaped, and asked directly whether they still run).
 _children = Children()
@@ -47,6 +62,7 @@ class ReplicaProcess:
     url: str
     log_path: Path
     log_offset: int  # where this start's output begins in the (appended) log
+    workdir: Path | None = None  # its private working directory (it removes it on exit)
 
 
 def start_replica(
@@ -100,15 +116,21 @@ def spawn_replica(
     log_path = replica_log_path(ctx, name=name, project=project)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     reap_exited()
+    sweep_workdirs()
 
+    # The replica starts elsewhere, so a local blob store is named by its absolute path.
+    blobs_url = f"file://{ctx.blobs.root}" if ctx.blobs.is_local else ctx.blobs.url
+    workdir = tempfile.mkdtemp(prefix=WORKDIR_PREFIX)  # empty, mode 0700; the child removes it
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.bind(("127.0.0.1", 0))
         sock.listen(1024)
         port = sock.getsockname()[1]
         command = [
-            sys.executable, "-m", "shipyard.serving.replica",
-            "--blobs", ctx.blobs.url,
+            sys.executable, "-m", "shipyard.serving.launcher",
+            "--workdir", workdir,
+            REPLICA_MODULE,
+            "--blobs", blobs_url,
             "--digest", digest,
             "--name", name,
             "--version", str(version),
@@ -135,7 +157,11 @@ def spawn_replica(
                 start_new_session=True,
                 close_fds=True,
                 env=env,
+                cwd=workdir,
             )
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)  # no child to remove it
+        raise
     finally:
         sock.close()  # the child holds its own copy
     _children.add(proc)
@@ -149,6 +175,7 @@ def spawn_replica(
         url=f"http://127.0.0.1:{port}",
         log_path=log_path,
         log_offset=offset,
+        workdir=Path(workdir),
     )
 
 
@@ -195,12 +222,15 @@ def stop_process_group(pid: int, create_time: float | None, *, grace: float = ST
     if not is_alive(pid, create_time):
         _reap(pid)
         return False
+    workdir = _workdir_of(pid)
     _signal_group(pid, signal.SIGTERM)
     if not _wait_exit(pid, grace):
         _signal_group(pid, signal.SIGKILL)
         _wait_exit(pid, 5.0)
     _signal_group(pid, signal.SIGKILL)  # anything the replica left behind in its group
     _reap(pid)
+    if workdir is not None:  # the replica removes it itself, unless it had to be killed
+        shutil.rmtree(workdir, ignore_errors=True)
     return True
 
 
@@ -250,6 +280,17 @@ def log_tail(path: Path, *, offset: int = 0, max_bytes: int = 4000, max_lines: i
 # --- helpers ------------------------------------------------------------------------------------
 
 
+def _workdir_of(pid: int) -> Path | None:
+    """The replica's private working directory, if ``pid`` runs in one the launcher made."""
+    try:
+        cwd = Path(psutil.Process(pid).cwd())
+    except (psutil.Error, OSError):
+        return None
+    if cwd.name.startswith(WORKDIR_PREFIX) and cwd.parent == Path(tempfile.gettempdir()):
+        return cwd
+    return None
+
+
 def _signal_group(pid: int, sig: signal.Signals) -> None:
     try:
         if os.getpgid(pid) == pid:
@@ -294,3 +335,72 @@ def _reap(pid: int) -> None:
 def reap_exited() -> None:
     """Reap every replica this process started that has exited (no zombies in a long server)."""
     _children.reap_exited()
+
+
+def sweep_workdirs(*, min_age_s: float = WORKDIR_SWEEP_AGE_S) -> list[Path]:
+    """Remove the working directories of replicas that died without removing theirs (kill -9).
+
+    A directory is removed when it is this user's, older than ``min_age_s`` (a replica being
+    started has not entered its directory yet) and no live process has it as working directory.
+    Returns what was removed.
+    """
+    now = time.time()
+    candidates = []
+    for path in Path(tempfile.gettempdir()).glob(f"{WORKDIR_PREFIX}*"):
+        with contextlib.suppress(OSError):
+            info = path.lstat()
+            if (
+                stat.S_ISDIR(info.st_mode)
+                and info.st_uid == os.getuid()
+                and now - info.st_mtime >= min_age_s
+            ):
+                candidates.append(path)
+    if not candidates:
+        return []
+    in_use: set[str] = set()
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            in_use.add(proc.cwd())
+    removed = [path for path in candidates if str(path) not in in_use]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
+
+
+def run_in_workdir(argv: list[str]) -> int:
+    """The replica's entry point: ``--workdir DIR shipyard.serving.replica REPLICA-ARGS...``.
+
+    Runs the replica in ``DIR`` (which must be this process's working directory, made for it by
+    :func:`spawn_replica`) and removes ``DIR`` when the replica exits, SIGTERM included.
+    """
+    if len(argv) < 3 or argv[0] != "--workdir" or argv[2] != REPLICA_MODULE:
+        print(
+            f"usage: python -m shipyard.serving.launcher --workdir DIR {REPLICA_MODULE} ARGS...",
+            file=sys.stderr,
+        )
+        return 2
+    workdir = Path(argv[1])
+    if not workdir.name.startswith(WORKDIR_PREFIX) or Path.cwd().resolve() != workdir.resolve():
+        print(
+            f"shipyard replica: --workdir {workdir} must be the working directory the launcher "
+            f"made ({WORKDIR_PREFIX}*); start replicas with shipyard deploy",
+            file=sys.stderr,
+        )
+        return 2
+    # Until uvicorn takes SIGTERM over (and after it hands it back), exit through `finally`.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    sys.argv = [REPLICA_MODULE, *argv[3:]]
+    try:
+        # exactly what `python -m shipyard.serving.replica` runs; its sys.exit() lands here
+        runpy.run_module(REPLICA_MODULE, run_name="__main__", alter_sys=True)
+        return 0
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+if __name__ == "__main__":
+    sys.exit(run_in_workdir(sys.argv[1:]))

@@ -1,7 +1,10 @@
 """ONNX models as servable objects: a signature read from the graph and a thread-safe ``predict``.
 
 Models are loaded from bytes that the blob store has already verified against their BLAKE3
-digest, straight into ONNX Runtime; nothing is ever unpickled. ONNX Runtime releases the GIL
+digest, straight into ONNX Runtime; nothing is ever unpickled. A model whose tensors refer to
+external data files is refused before ONNX Runtime sees it, whatever the registry let through:
+such a reference is a path ONNX Runtime would open on this host (relative ones from the
+process's working directory). ONNX Runtime releases the GIL
 while it runs, so ``predict`` is meant to be called from worker threads (see ``batcher``).
 
 Datatypes use the Open Inference Protocol (v2) names (``FP32``, ``INT64``, ``BOOL``, ...), and a
@@ -25,6 +28,7 @@ from shipyard.tracking.formats import (
     OIP_DATATYPES,
     TensorSpec,
     parse_onnx,
+    refuse_external_data,
     signature_from_onnx,
     tensor_specs,
     to_signature,
@@ -113,8 +117,14 @@ def load_model(
     providers: Sequence[str] | None = None,
     intra_op_threads: int | None = None,
 ) -> OnnxModel:
-    """An :class:`OnnxModel` from serialised ONNX bytes (CUDA first when available, then CPU)."""
-    inputs, outputs = tensor_specs(parse_onnx(model_bytes))
+    """An :class:`OnnxModel` from serialised ONNX bytes (CUDA first when available, then CPU).
+
+    Raises InvalidInputError (field ``model``) when the bytes are not ONNX, when any tensor keeps
+    its data in an external file, or when ONNX Runtime cannot load the model.
+    """
+    model = parse_onnx(model_bytes)
+    refuse_external_data(model, field="model")  # before ORT could open a path the model names
+    inputs, outputs = tensor_specs(model)
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only; ORT's warnings would drown the replica log
     if intra_op_threads:

@@ -3,6 +3,8 @@
 A version is registered from a run's artifact (or a stored blob). Only formats that load without
 unpickling are accepted: ONNX is read as a protobuf, and its signature (input/output names,
 datatypes, shapes) is taken from the graph itself, so serving can validate requests against it.
+A model must be self-contained: one whose tensors refer to external data files is refused, since
+those references are file paths that would be opened on the serving host.
 """
 
 from __future__ import annotations
@@ -13,24 +15,29 @@ from sqlalchemy.orm import Session
 from shipyard.context import Context, new_id
 from shipyard.domain.models import AliasEvent, ModelSignature, ModelVersion, RegisteredModel
 from shipyard.domain.names import validate_name, validate_relative_path
+from shipyard.domain.principals import Role
 from shipyard.errors import InvalidInputError, NotFoundError
 from shipyard.security import audit
+from shipyard.security.blobrefs import add_refs, require_refs
+from shipyard.security.rbac import authorize
 from shipyard.store.queries import add_edge, project_id
 from shipyard.store.tables import (
     AliasEventRow,
     ModelAliasRow,
     ModelRow,
     ModelVersionRow,
+    ProjectRow,
     RunArtifactRow,
     RunRow,
     aware,
     utcnow,
 )
-from shipyard.tracking.formats import signature_from_onnx
+from shipyard.tracking.formats import parse_onnx, refuse_external_data, tensor_specs, to_signature
 from shipyard.tracking.runs import latest_metrics
 
 SUPPORTED_FORMATS = ("onnx",)
 RESERVED_ALIASES = ("latest",)
+MAX_VERSION = 2**31 - 1
 
 
 def register_version(
@@ -46,6 +53,7 @@ def register_version(
 ) -> ModelVersion:
     """Register a new version of ``model`` from a run's artifact or a stored blob."""
     validate_name(model, field="model")
+    authorize(ctx, project=project, need=Role.EDITOR, registers_model=True)
     if format not in SUPPORTED_FORMATS:
         raise InvalidInputError(
             f"format {format!r} is not supported; use one of {', '.join(SUPPORTED_FORMATS)} "
@@ -54,6 +62,7 @@ def register_version(
         )
     if artifact_path is not None:
         validate_relative_path(artifact_path, field="artifact_path")
+    named_digest = digest is not None
     if digest is None:
         if run_id is None or artifact_path is None:
             raise InvalidInputError(
@@ -65,19 +74,33 @@ def register_version(
                     RunArtifactRow.run_id == run_id, RunArtifactRow.path == artifact_path
                 )
             )
-            if artifact is None:
+            run_project = s.scalar(
+                select(ProjectRow.name)
+                .join(RunRow, RunRow.project_id == ProjectRow.id)
+                .where(RunRow.id == run_id)
+            )
+            if artifact is None or run_project != project:
+                # a run of another project is as missing as one without the artifact
                 raise NotFoundError(
                     f"run {run_id} has no artifact {artifact_path!r}", field="artifact_path"
                 )
             digest = artifact.digest
+    else:
+        # a blob named directly must be one the project holds - naming a run does not change
+        # that - and the run it names (lineage, metrics) one of this project: another project's
+        # run is as missing as one that does not exist
+        if run_id is not None:
+            with ctx.db.read() as s:
+                _require_run_in(s, run_id=run_id, project_pk=project_id(s, project, create=False))
+        require_refs(ctx, project=project, digests=[digest], field="digest")
     content = ctx.blobs.get_bytes(digest)  # verified; outside any transaction
-    signature = _signature(format, content)
+    signature = _signature(format, content, field="digest" if named_digest else "artifact_path")
     with ctx.db.transaction() as s:
         pid = project_id(s, project, create=True)
+        add_refs(s, project_pk=pid, digests=[digest])
         metrics: dict[str, float] = {}
         if run_id is not None:
-            if s.get(RunRow, run_id) is None:
-                raise NotFoundError(f"run {run_id!r} does not exist", field="run_id")
+            _require_run_in(s, run_id=run_id, project_pk=pid)
             metrics = latest_metrics(s, run_id)
         model_row = s.scalar(
             select(ModelRow).where(ModelRow.project_id == pid, ModelRow.name == model)
@@ -131,6 +154,7 @@ def get_version(
     ctx: Context, *, project: str, model: str, ref: str | int = "latest"
 ) -> ModelVersion:
     """Resolve ``ref`` (a version number, ``vN``, an alias, or ``latest``) to a model version."""
+    authorize(ctx, project=project, need=Role.VIEWER)
     with ctx.db.read() as s:
         model_row = _require_model(s, project, model)
         row = _resolve(s, model_row, ref)
@@ -138,6 +162,7 @@ def get_version(
 
 
 def list_models(ctx: Context, *, project: str) -> list[RegisteredModel]:
+    authorize(ctx, project=project, need=Role.VIEWER)
     with ctx.db.read() as s:
         pid = project_id(s, project, create=False)
         rows = s.scalars(select(ModelRow).where(ModelRow.project_id == pid).order_by(ModelRow.name))
@@ -145,11 +170,13 @@ def list_models(ctx: Context, *, project: str) -> list[RegisteredModel]:
 
 
 def get_model(ctx: Context, *, project: str, model: str) -> RegisteredModel:
+    authorize(ctx, project=project, need=Role.VIEWER)
     with ctx.db.read() as s:
         return _model(s, _require_model(s, project, model), project)
 
 
 def list_versions(ctx: Context, *, project: str, model: str) -> list[ModelVersion]:
+    authorize(ctx, project=project, need=Role.VIEWER)
     with ctx.db.read() as s:
         model_row = _require_model(s, project, model)
         rows = s.scalars(
@@ -165,6 +192,7 @@ def set_alias(
 ) -> ModelVersion:
     """Point ``alias`` at a version; the move is recorded in the alias history and the audit log."""
     _check_alias(alias)
+    authorize(ctx, project=project, need=Role.EDITOR)
     with ctx.db.transaction() as s:
         model_row = _require_model(s, project, model)
         target = _resolve(s, model_row, version)
@@ -196,6 +224,7 @@ def set_alias(
 
 def delete_alias(ctx: Context, *, project: str, model: str, alias: str) -> None:
     _check_alias(alias)
+    authorize(ctx, project=project, need=Role.EDITOR)
     with ctx.db.transaction() as s:
         model_row = _require_model(s, project, model)
         current = s.get(ModelAliasRow, (model_row.id, alias))
@@ -221,6 +250,7 @@ def delete_alias(ctx: Context, *, project: str, model: str, alias: str) -> None:
 
 
 def alias_history(ctx: Context, *, project: str, model: str) -> list[AliasEvent]:
+    authorize(ctx, project=project, need=Role.VIEWER)
     with ctx.db.read() as s:
         model_row = _require_model(s, project, model)
         rows = s.scalars(
@@ -244,13 +274,35 @@ def alias_history(ctx: Context, *, project: str, model: str) -> list[AliasEvent]
 # --- helpers ------------------------------------------------------------------------------------
 
 
-def _signature(format: str, content: bytes) -> ModelSignature:
+def _require_run_in(s: Session, *, run_id: str, project_pk: str) -> None:
+    """The run ``run_id`` of the project ``project_pk``, or the error a missing run gets."""
+    run = s.get(RunRow, run_id)
+    if run is None or run.project_id != project_pk:
+        raise NotFoundError(f"run {run_id!r} does not exist", field="run_id")
+
+
+def _signature(format: str, content: bytes, *, field: str) -> ModelSignature:
+    """The model's signature, once it is known to be a loadable, self-contained model."""
     try:
-        return signature_from_onnx(content)
+        model = parse_onnx(content)
+        inputs, outputs = tensor_specs(model)
+    except InvalidInputError as exc:
+        raise InvalidInputError(
+            f"the artifact is not a loadable {format} model: {exc.message}", field=field
+        ) from None
     except Exception as exc:
         raise InvalidInputError(
-            f"the artifact is not a loadable {format} model: {exc}", field="artifact_path"
+            f"the artifact is not a loadable {format} model: {exc}", field=field
         ) from None
+    try:
+        refuse_external_data(model, field=field)
+    except InvalidInputError as exc:
+        raise InvalidInputError(
+            f"the artifact cannot be served: {exc.message}", field=field
+        ) from None
+    return ModelSignature(
+        inputs=[to_signature(t) for t in inputs], outputs=[to_signature(t) for t in outputs]
+    )
 
 
 def _check_alias(alias: str) -> None:
@@ -292,10 +344,15 @@ def _resolve(s: Session, model_row: ModelRow, ref: str | int) -> ModelVersionRow
         if alias is None:
             raise NotFoundError(f"model {model_row.name!r} has no alias {text!r}", field="ref")
         number = alias.version
-    row = s.scalar(
-        select(ModelVersionRow).where(
-            ModelVersionRow.model_id == model_row.id, ModelVersionRow.version == number
+    # A number beyond what a version can be is no version (and must not reach the store's int64).
+    row = (
+        s.scalar(
+            select(ModelVersionRow).where(
+                ModelVersionRow.model_id == model_row.id, ModelVersionRow.version == number
+            )
         )
+        if number is not None and 0 <= number <= MAX_VERSION
+        else None
     )
     if row is None:
         raise NotFoundError(f"model {model_row.name!r} has no version {number}", field="ref")
