@@ -4,7 +4,9 @@
 and logs. ``SHIPYARD_URL`` switches the SDK and CLI to a server. ``SHIPYARD_DB`` and
 ``SHIPYARD_BLOBS`` pick other backends (``postgresql://…``, ``s3://…``). ``SHIPYARD_CPUS``,
 ``SHIPYARD_MEMORY_MB`` and ``SHIPYARD_GPUS`` declare what the local executor may hand out, like
-``ray start --num-cpus``; by default they are read off the machine.
+``ray start --num-cpus``; by default they are read off the machine. A server sets
+``SHIPYARD_SERVER_URL`` for its job supervisors; ``SHIPYARD_JOB_USER`` (default ``nobody``) and
+``SHIPYARD_JOB_ROOT`` say who a server running as root runs jobs as, and where their folders go.
 """
 
 from __future__ import annotations
@@ -29,6 +31,14 @@ ENV_JOB_ID = "SHIPYARD_JOB_ID"
 ENV_CPUS = "SHIPYARD_CPUS"
 ENV_MEMORY_MB = "SHIPYARD_MEMORY_MB"
 ENV_GPUS = "SHIPYARD_GPUS"
+ENV_AUDIT_KEY_FILE = "SHIPYARD_AUDIT_KEY_FILE"
+ENV_AUDIT_HEAD_FILE = "SHIPYARD_AUDIT_HEAD_FILE"
+# Set by a server for the job supervisors it starts: the URL its jobs reach it on.
+ENV_SERVER_URL = "SHIPYARD_SERVER_URL"
+# The unprivileged user a server running as root runs jobs as, and where their folders live.
+ENV_JOB_USER = "SHIPYARD_JOB_USER"
+ENV_JOB_ROOT = "SHIPYARD_JOB_ROOT"
+DEFAULT_JOB_USER = "nobody"
 
 DEFAULT_PROJECT = "default"
 
@@ -44,6 +54,15 @@ class Settings:
     cpus: float | None = None
     memory_mb: int | None = None
     gpus: int | None = None
+    # Where the audit chain's HMAC key and head anchor live (outside the database; jobs launched
+    # by a server never see either). Default: $SHIPYARD_HOME/keys/audit.key and audit.head.
+    audit_key_file: Path | None = None
+    audit_head_file: Path | None = None
+    # The URL of the server this process is (or works for); None in embedded mode. Jobs launched
+    # while it is set get an allowlisted environment and a job token instead of our own.
+    server_url: str | None = None
+    job_user: str = DEFAULT_JOB_USER
+    job_root: Path | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -53,6 +72,16 @@ class Settings:
     @property
     def blob_url(self) -> str:
         return self.blobs_url or f"file://{self.home / 'blobs'}"
+
+    @property
+    def audit_key_path(self) -> Path:
+        """The audit chain's HMAC key: outside the database, 0600, created on first use."""
+        return self.audit_key_file or self.home / "keys" / "audit.key"
+
+    @property
+    def audit_head_path(self) -> Path:
+        """The audit chain's head anchor (seq + hash, HMAC'd), rewritten on every append."""
+        return self.audit_head_file or self.audit_key_path.with_name("audit.head")
 
     @property
     def jobs_dir(self) -> Path:
@@ -76,7 +105,17 @@ class Settings:
             cpus=_number(env, ENV_CPUS, float),
             memory_mb=_number(env, ENV_MEMORY_MB, int),
             gpus=_number(env, ENV_GPUS, int),
+            audit_key_file=_path(env, ENV_AUDIT_KEY_FILE),
+            audit_head_file=_path(env, ENV_AUDIT_HEAD_FILE),
+            server_url=(env.get(ENV_SERVER_URL) or None),
+            job_user=env.get(ENV_JOB_USER) or DEFAULT_JOB_USER,
+            job_root=Path(env[ENV_JOB_ROOT]).absolute() if env.get(ENV_JOB_ROOT) else None,
         )
+
+
+def _path(env: dict[str, str], key: str) -> Path | None:
+    raw = env.get(key)
+    return Path(raw).expanduser().absolute() if raw else None
 
 
 def _number(env: dict[str, str], key: str, kind: type[T]) -> T | None:

@@ -42,13 +42,16 @@ from shipyard.context import Context, new_id
 from shipyard.domain.jobs import check_transition
 from shipyard.domain.models import Job, JobSpec, JobStatus, JobUsage, RunStatus
 from shipyard.domain.names import validate_name
+from shipyard.domain.principals import Role
 from shipyard.errors import (
     InvalidInputError,
     InvalidStateError,
     NotFoundError,
     ResourceUnavailableError,
 )
-from shipyard.security import audit
+from shipyard.security import audit, principals
+from shipyard.security.blobrefs import add_refs, require_refs
+from shipyard.security.rbac import authorize, authorize_resource, viewable
 from shipyard.settings import (
     ENV_BLOBS,
     ENV_CPUS,
@@ -56,9 +59,12 @@ from shipyard.settings import (
     ENV_GPUS,
     ENV_HOME,
     ENV_JOB_ID,
+    ENV_JOB_ROOT,
+    ENV_JOB_USER,
     ENV_MEMORY_MB,
     ENV_PROJECT,
     ENV_RUN_ID,
+    ENV_SERVER_URL,
     ENV_TOKEN,
     ENV_URL,
 )
@@ -97,6 +103,7 @@ def submit_job(
     must exist. Nothing is stored when a check fails.
     """
     validate_name(project, field="project")
+    authorize(ctx, project=project, need=Role.EDITOR)
     name = validate_name(spec.name, field="name") if spec.name else _default_name(spec.command)
     if code_dir is not None and code_digest is not None:
         raise InvalidInputError(
@@ -110,6 +117,7 @@ def submit_job(
         archive = snapshot_code(code_dir)
         code_files = set(list_code(archive))
     elif code_digest is not None:
+        require_refs(ctx, project=project, digests=[code_digest], field="code_digest")
         archive = _uploaded_snapshot(ctx, code_digest)
         try:
             code_files = set(list_code(archive))
@@ -124,6 +132,8 @@ def submit_job(
     job_id = new_id()
     with ctx.db.transaction() as s:
         pid = project_id(s, project, create=True)
+        if code_digest is not None:
+            add_refs(s, project_pk=pid, digests=[code_digest])
         if run_id is not None:
             run = s.get(RunRow, run_id)
             if run is None or run.project_id != pid:
@@ -181,19 +191,27 @@ def list_jobs(
     with ctx.db.read() as s:
         query = select(JobRow, ProjectRow.name).join(ProjectRow, JobRow.project_id == ProjectRow.id)
         if project is not None:
+            authorize(ctx, project=project, need=Role.VIEWER)
             query = query.where(JobRow.project_id == project_id(s, project, create=False))
+        elif not ctx.principal.server_admin:
+            names = project_names(s)
+            query = query.where(
+                ProjectRow.name.in_(viewable(ctx.principal, sorted(names.values())))
+            )
         if wanted is not None:
             query = query.where(JobRow.status == wanted.value)
         rows = s.execute(query.order_by(JobRow.created_at.desc(), JobRow.id)).all()
         return [_to_domain(row, project_name) for row, project_name in rows]
 
 
-def get_job(ctx: Context, *, job_id: str) -> Job:
+def get_job(ctx: Context, *, job_id: str, project: str | None = None) -> Job:
     with ctx.db.read() as s:
-        return _to_domain(*_row_with_project(s, job_id))
+        row, owner = _row_with_project(s, job_id)
+        _authorize(ctx, job_id, owner, given=project, need=Role.VIEWER)
+        return _to_domain(row, owner)
 
 
-def cancel_job(ctx: Context, *, job_id: str) -> Job:
+def cancel_job(ctx: Context, *, job_id: str, project: str | None = None) -> Job:
     """Cancel a job: a queued one at once; a running one is stopped by its supervisor.
 
     Cancelling a running job that is already being cancelled is a no-op; cancelling a finished
@@ -201,7 +219,9 @@ def cancel_job(ctx: Context, *, job_id: str) -> Job:
     """
     with ctx.db.transaction() as s:
         lock(s, "scheduler")  # so that a concurrent tick cannot admit it while we cancel it
-        row, project = _row_with_project(s, job_id, for_update=True)
+        row, owner = _row_with_project(s, job_id, for_update=True)
+        _authorize(ctx, job_id, owner, given=project, need=Role.EDITOR)
+        project = owner
         current = JobStatus(row.status)
         if current.finished:
             raise InvalidStateError(
@@ -229,7 +249,12 @@ def cancel_job(ctx: Context, *, job_id: str) -> Job:
 
 
 def read_logs(
-    ctx: Context, *, job_id: str, offset: int = 0, limit: int = DEFAULT_LOG_LIMIT
+    ctx: Context,
+    *,
+    job_id: str,
+    offset: int = 0,
+    limit: int = DEFAULT_LOG_LIMIT,
+    project: str | None = None,
 ) -> tuple[bytes, int, bool]:
     """Up to ``limit`` bytes of the job's output from ``offset``: ``(data, new_offset, finished)``.
 
@@ -243,7 +268,7 @@ def read_logs(
             f"limit {limit} must be between 1 and {MAX_LOG_LIMIT} bytes", field="limit"
         )
     # The status is read before the file: once finished, the log is complete.
-    job = get_job(ctx, job_id=job_id)
+    job = get_job(ctx, job_id=job_id, project=project)
     path = log_path(ctx, job_id)
     try:
         with open(path, "rb") as fh:
@@ -256,7 +281,9 @@ def read_logs(
     return data, new_offset, job.status.finished and new_offset >= size
 
 
-def wait_job(ctx: Context, *, job_id: str, timeout: float | None = None) -> Job:
+def wait_job(
+    ctx: Context, *, job_id: str, timeout: float | None = None, project: str | None = None
+) -> Job:
     """Poll until the job has finished, and return it; after ``timeout`` seconds return it as is.
 
     Check ``job.status.finished`` when a timeout was given. Also calls :func:`tick` now and then,
@@ -265,7 +292,7 @@ def wait_job(ctx: Context, *, job_id: str, timeout: float | None = None) -> Job:
     deadline = None if timeout is None else time.monotonic() + timeout
     next_tick = time.monotonic() + _WAIT_TICK_S
     while True:
-        job = get_job(ctx, job_id=job_id)
+        job = get_job(ctx, job_id=job_id, project=project)
         now = time.monotonic()
         if job.status.finished or (deadline is not None and now >= deadline):
             return job
@@ -382,13 +409,26 @@ def finish_job(
             resource=_resource(project, job_id),
             details={"status": status.value, "exit_code": exit_code, "message": message[:500]},
         )
+    revoke_token(ctx, job_id=job_id)
     return True
+
+
+def issue_token(ctx: Context, *, job_id: str, project: str, run_id: str | None) -> str:
+    """The job-scoped token a server hands the job it launches (``security.principals``: its
+    own run, its project's inputs and models, nothing else); revoked when the job ends."""
+    return principals.issue_job_token(ctx, job_id=job_id, project=project, run_id=run_id)
+
+
+def revoke_token(ctx: Context, *, job_id: str) -> None:
+    """Revoke every token issued to the job (a no-op when it had none)."""
+    principals.revoke_job_tokens(ctx, job_id=job_id)
 
 
 def supervisor_env(ctx: Context) -> dict[str, str]:
     """The environment a supervisor starts with: ours, plus where the metadata and blobs live
-    and what the machine offers (its own ticks need both), minus any job identity we run under
-    (a job that submits jobs must not hand its own id down)."""
+    and what the machine offers (its own ticks need both), plus - from a server - its URL and
+    job user (so the job is launched as a server's, see ``compute.sandbox``), minus any job
+    identity we run under (a job that submits jobs must not hand its own id down)."""
     settings = ctx.settings
     env = dict(os.environ)
     for key in (
@@ -400,6 +440,9 @@ def supervisor_env(ctx: Context) -> dict[str, str]:
         ENV_CPUS,
         ENV_MEMORY_MB,
         ENV_GPUS,
+        ENV_SERVER_URL,
+        ENV_JOB_USER,
+        ENV_JOB_ROOT,
     ):
         env.pop(key, None)
     env[ENV_HOME] = str(settings.home)
@@ -411,6 +454,9 @@ def supervisor_env(ctx: Context) -> dict[str, str]:
         (ENV_GPUS, settings.gpus),
         (ENV_URL, settings.url),
         (ENV_TOKEN, settings.token),
+        (ENV_SERVER_URL, settings.server_url),
+        (ENV_JOB_USER, settings.job_user),
+        (ENV_JOB_ROOT, settings.job_root),
     ):
         if value is not None:
             env[key] = str(value)
@@ -509,6 +555,7 @@ def _reap_lost_supervisors(ctx: Context) -> None:
             stopped.append((job_id, row.pid))
     for job_id, leader in stopped:
         kill_job(job_id, leader, grace=KILL_GRACE_S)
+        revoke_token(ctx, job_id=job_id)
 
 
 def _finish_row(
@@ -558,6 +605,16 @@ def _row_with_project(s: Session, job_id: str, *, for_update: bool = False) -> t
     return row, project
 
 
+def _authorize(ctx: Context, job_id: str, owner: str, *, given: str | None, need: Role) -> None:
+    authorize_resource(
+        ctx,
+        project=owner,
+        given=given,
+        need=need,
+        missing=NotFoundError(f"job {job_id!r} does not exist", field="job_id"),
+    )
+
+
 def _to_domain(row: JobRow, project: str) -> Job:
     return Job(
         id=row.id,
@@ -575,6 +632,7 @@ def _to_domain(row: JobRow, project: str) -> Job:
         started_at=aware(row.started_at),
         finished_at=aware(row.finished_at),
         created_by=row.created_by,
+        enforcement=row.enforcement or "",
     )
 
 

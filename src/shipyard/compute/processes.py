@@ -10,6 +10,7 @@ holds it, so a reused pid never gets someone else's group killed.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import time
@@ -62,11 +63,15 @@ class UsageMeter:
     cpu_seconds: float = 0.0
     peak_memory_mb: float = 0.0
     samples: int = 0
+    # Memory the whole tree holds at the last sample: the sum of proportional set sizes (a page
+    # that forked processes share counts once), or the RSS of a lone process.
+    resident_mb: float = 0.0
 
     def sample(self, leader: int) -> None:
         procs = _tree(leader)
         cpu = 0.0
         rss = 0
+        pss = 0
         hwm = 0
         seen = False
         for proc in procs:
@@ -82,13 +87,22 @@ class UsageMeter:
             # the tree, so nothing is counted twice.
             cpu += times.user + times.system + times.children_user + times.children_system
             rss += memory
+            pss += _proportional(proc, memory) if len(procs) > 1 else memory
             hwm = max(hwm, high_water_mark(proc.pid))
             seen = True
         if not seen:
             return
         self.samples += 1
+        self.resident_mb = pss / (1024 * 1024)
         self.cpu_seconds = max(self.cpu_seconds, cpu)
         self.peak_memory_mb = max(self.peak_memory_mb, max(rss, hwm) / (1024 * 1024))
+
+
+def _proportional(proc: psutil.Process, rss: int) -> int:
+    try:
+        return int(proc.memory_full_info().pss)
+    except (psutil.Error, AttributeError, OSError):
+        return rss
 
 
 def job_processes(job_id: str, leader: int | None) -> list[psutil.Process]:
@@ -206,3 +220,40 @@ def _self_and_ancestors() -> set[int]:
     with contextlib.suppress(psutil.Error):
         pids.update(parent.pid for parent in psutil.Process().parents())
     return pids
+
+
+def become_subreaper() -> bool:
+    """Make this process the reaper of its orphaned descendants (Linux ``PR_SET_CHILD_SUBREAPER``).
+
+    A job's processes whose parent exits are then re-parented to us instead of to init, so we
+    can wait for them and their CPU time lands in our ``RUSAGE_CHILDREN``. False where the OS
+    does not offer it.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+    except (OSError, AttributeError):
+        return False
+
+
+def reap_orphans(*, keep: int | None = None) -> int:
+    """Wait for every exited child of ours but ``keep`` (the job's leader, which ``Popen``
+    waits for); returns how many were reaped."""
+    reaped = 0
+    try:
+        children = psutil.Process().children()
+    except psutil.Error:
+        return 0
+    for child in children:
+        if child.pid == keep:
+            continue
+        with contextlib.suppress(psutil.Error):
+            if child.status() != psutil.STATUS_ZOMBIE:
+                continue
+        with contextlib.suppress(ChildProcessError, OSError):
+            pid, _ = os.waitpid(child.pid, os.WNOHANG)
+            reaped += pid != 0
+    return reaped
+
+
+_PR_SET_CHILD_SUBREAPER = 36

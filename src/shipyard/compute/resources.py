@@ -2,8 +2,8 @@
 
 Read off the machine by default; ``Settings.cpus``, ``memory_mb`` and ``gpus`` override each one,
 like ``ray start --num-cpus/--memory/--num-gpus``. ``gpus=N`` declares indices ``0..N-1`` (and
-``gpus=0`` hides the machine's GPUs). Memory is an admission budget, not a hard limit: a job is
-not killed for going over what it asked for, but its peak is measured and reported.
+``gpus=0`` hides the machine's GPUs). What a job asks for is both its admission budget and its
+limit: ``compute.limits`` enforces memory and CPU on the running job.
 """
 
 from __future__ import annotations

@@ -6,12 +6,17 @@ home, database, blob store and capacity settings in its environment. The supervi
 1. records its pid and start time on the job (so a tick can tell when it is lost), or exits if
    the job is no longer RUNNING or another supervisor holds it;
 2. unpacks the code snapshot into ``$SHIPYARD_HOME/jobs/<id>/code`` (``compute.snapshot``; the
-   job runs in ``jobs/<id>/work`` when it has no code);
+   job runs in ``jobs/<id>/work`` when it has no code) - or, for a server running as root, into
+   a folder of the job user's outside the home (``compute.sandbox``);
 3. runs the command in its own process group, output to ``jobs/<id>/output.log``, with the job's
-   environment (its GPUs in ``CUDA_VISIBLE_DEVICES``);
+   environment (``compute.sandbox.job_env``: embedded, ours; from a server, an allowlist and a
+   job token; its GPUs in ``CUDA_VISIBLE_DEVICES``), its limits (``compute.limits``: cgroup v2,
+   or RLIMIT_AS, and CPU affinity) and, from a root server, as the job user;
 4. every ``POLL_S`` seconds samples CPU time and memory over the process tree, enforces
-   ``max_runtime_s`` (TIMED_OUT) and honours ``cancel_requested`` (CANCELLED), stopping the whole
-   tree with SIGTERM, then SIGKILL after a grace period;
+   ``max_runtime_s`` (TIMED_OUT), the memory limit over the whole tree (FAILED, saying so) and
+   honours ``cancel_requested`` (CANCELLED), stopping the whole tree with SIGTERM, then SIGKILL
+   after a grace period; it is the subreaper of the job's processes, so orphans are waited for
+   and their CPU time counts;
 5. records the outcome, exit code and usage (and fails or kills the job's run), stops anything
    the job left behind, and calls ``tick`` so that queued jobs start on the freed capacity.
 """
@@ -30,23 +35,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from shipyard.compute import jobs
-from shipyard.compute.processes import UsageMeter, create_time, high_water_mark, kill_job
+from shipyard.compute import jobs, sandbox
+from shipyard.compute.limits import (
+    cgroup_cpu_seconds,
+    memory_exceeded,
+    memory_message,
+    plan_limits,
+    preexec,
+    release,
+)
+from shipyard.compute.processes import (
+    UsageMeter,
+    become_subreaper,
+    create_time,
+    high_water_mark,
+    kill_job,
+    reap_orphans,
+)
 from shipyard.compute.snapshot import extract_code
 from shipyard.context import Context, open_context
 from shipyard.domain.models import JobSpec, JobStatus, JobUsage
 from shipyard.errors import ShipyardError
-from shipyard.settings import (
-    ENV_BLOBS,
-    ENV_DB,
-    ENV_HOME,
-    ENV_JOB_ID,
-    ENV_PROJECT,
-    ENV_RUN_ID,
-    ENV_TOKEN,
-    ENV_URL,
-    Settings,
-)
+from shipyard.settings import Settings
 from shipyard.store.tables import JobRow, ProjectRow
 
 POLL_S = 0.2
@@ -72,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m shipyard.compute.supervisor JOB_ID", file=sys.stderr)
         return 2
     ctx = open_context(Settings.from_env(), actor=ACTOR)
+    become_subreaper()
     return supervise(ctx, job_id=args[0])
 
 
@@ -98,10 +109,27 @@ def supervise(ctx: Context, *, job_id: str) -> int:
 
 def _run(ctx: Context, claim: _Claim, stop: _StopFlag) -> None:
     job_id = claim.job_id
+    settings = ctx.settings
     folder = jobs.job_dir(ctx, job_id)
     folder.mkdir(parents=True, exist_ok=True)
+    served = settings.server_url is not None
     try:
-        cwd = _prepare_workdir(ctx, claim, folder)
+        user = sandbox.resolve_job_user(settings)
+    except ShipyardError as exc:
+        jobs.finish_job(
+            ctx, job_id=job_id, status=JobStatus.FAILED, message=f"could not start: {exc.message}"
+        )
+        return
+    try:
+        place = sandbox.sandbox_dir(settings, job_id, user)
+        cwd = _prepare_workdir(ctx, claim, place, fresh=user is not None)
+        home = tmpdir = None
+        if served:
+            home, tmpdir = place / "home", place / "tmp"
+            for sub in (home, tmpdir):
+                sub.mkdir(mode=sandbox.JOB_DIR_MODE, exist_ok=True)
+        if user is not None:
+            sandbox.hand_over(place, user)
     except (ShipyardError, OSError) as exc:
         message = getattr(exc, "message", None) or str(exc)
         jobs.finish_job(
@@ -111,8 +139,29 @@ def _run(ctx: Context, claim: _Claim, stop: _StopFlag) -> None:
             message=f"could not prepare the job's code: {message}",
         )
         return
-    env = _job_env(ctx, claim)
+    token = (
+        jobs.issue_token(ctx, job_id=job_id, project=claim.project, run_id=claim.run_id)
+        if served
+        else None
+    )
+    env = sandbox.job_env(
+        sandbox.LaunchedJob(
+            job_id=job_id, project=claim.project, run_id=claim.run_id, gpus=claim.gpus
+        ),
+        claim.spec.env,
+        shipyard_url=settings.server_url,
+        token=token,
+        settings=settings,
+        home=home,
+        tmpdir=tmpdir,
+        user=user,
+    )
     command = _resolve_command(claim.spec.command, cwd, env)
+    resources = claim.spec.resources
+    limits = plan_limits(
+        job_id=job_id, cpus=resources.cpus, memory_mb=resources.memory_mb, gpus=resources.gpus
+    )
+    enforcement = limits.description + (f"; runs as user {user.name}" if user is not None else "")
     log_path = folder / jobs.LOG_FILE
     with open(log_path, "ab") as log:
         try:
@@ -125,9 +174,15 @@ def _run(ctx: Context, claim: _Claim, stop: _StopFlag) -> None:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 close_fds=True,
+                preexec_fn=preexec(
+                    limits,
+                    uid=user.uid if user is not None else None,
+                    gid=user.gid if user is not None else None,
+                ),
             )
-        except OSError as exc:
-            reason = exc.strerror or str(exc)
+        except (OSError, subprocess.SubprocessError) as exc:
+            release(limits)
+            reason = getattr(exc, "strerror", None) or str(exc)
             message = f"could not start command {claim.spec.command[0]!r}: {reason}"
             log.write(f"shipyard: {message}\n".encode())
             jobs.finish_job(ctx, job_id=job_id, status=JobStatus.FAILED, message=message)
@@ -135,7 +190,7 @@ def _run(ctx: Context, claim: _Claim, stop: _StopFlag) -> None:
     started = time.monotonic()
     meter = UsageMeter()
     meter.sample(proc.pid)  # at once: a short job may be gone by the next look
-    _record_pid(ctx, job_id, proc.pid)
+    _record_pid(ctx, job_id, proc.pid, enforcement)
     limit = claim.spec.max_runtime_s
     outcome: tuple[JobStatus, str] | None = None
     interval = FIRST_POLL_S
@@ -147,8 +202,17 @@ def _run(ctx: Context, claim: _Claim, stop: _StopFlag) -> None:
             pass
         interval = min(POLL_S, interval * 2)  # quick first looks, for short jobs
         meter.sample(proc.pid)
+        reap_orphans(keep=proc.pid)
         if limit is not None and time.monotonic() - started > limit:
             outcome = (JobStatus.TIMED_OUT, f"ran past its max runtime of {limit:g}s; stopped")
+        elif meter.resident_mb > resources.memory_mb:
+            outcome = (
+                JobStatus.FAILED,
+                memory_message(
+                    resources.memory_mb,
+                    f"its processes held {meter.resident_mb:.0f} MB resident; stopped",
+                ),
+            )
         elif stop.signal is not None:
             outcome = (JobStatus.FAILED, f"its supervisor got {stop.signal} and stopped the job")
         elif _should_stop(ctx, job_id):
@@ -159,49 +223,33 @@ def _run(ctx: Context, claim: _Claim, stop: _StopFlag) -> None:
             break
     wall = time.monotonic() - started
     exit_code = proc.returncode
-    # Whatever the job left running in the background ends with it.
+    # Whatever the job left running in the background ends with it; being their subreaper, we
+    # wait for them, so their CPU time counts.
     kill_job(job_id, proc.pid, grace=1.0)
-    usage = _usage(meter, wall)
+    reap_orphans(keep=proc.pid)
+    usage = _usage(meter, wall, cgroup_cpu_seconds(limits))
     if outcome is not None:
         status, message = outcome
     elif exit_code == 0:
         status, message = JobStatus.SUCCEEDED, "exited with code 0"
     else:
-        status, message = JobStatus.FAILED, _failure_message(exit_code, log_path)
+        tail = _log_tail(log_path)
+        status = JobStatus.FAILED
+        if memory_exceeded(limits, log_tail=tail, peak_mb=usage.peak_memory_mb):
+            how = "killed by its cgroup" if limits.cgroup is not None else "an allocation failed"
+            head = memory_message(resources.memory_mb, f"{limits.mechanism}: {how}")
+            message = f"{head}; last lines of the log:\n{tail}" if tail else head
+        else:
+            message = _failure_message(exit_code, log_path)
+    release(limits)
+    if user is not None:  # the job user's folder outside our home: its code and scratch go
+        shutil.rmtree(place, ignore_errors=True)
     jobs.finish_job(
         ctx, job_id=job_id, status=status, message=message, exit_code=exit_code, usage=usage
     )
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-def _job_env(ctx: Context, claim: _Claim) -> dict[str, str]:
-    """os.environ + the spec's env + what shipyard sets (which the spec cannot override)."""
-    settings = ctx.settings
-    env = dict(os.environ)
-    env.update(claim.spec.env)
-    env[ENV_JOB_ID] = claim.job_id
-    env[ENV_PROJECT] = claim.project
-    if claim.run_id is not None:
-        env[ENV_RUN_ID] = claim.run_id
-    else:
-        env.pop(ENV_RUN_ID, None)
-    if settings.url:
-        env[ENV_URL] = settings.url
-        if settings.token:
-            env[ENV_TOKEN] = settings.token
-        for key in (ENV_HOME, ENV_DB, ENV_BLOBS):
-            env.pop(key, None)
-    else:
-        env[ENV_HOME] = str(settings.home)
-        env[ENV_DB] = settings.database_url
-        env[ENV_BLOBS] = settings.blob_url
-        env.pop(ENV_URL, None)
-        env.pop(ENV_TOKEN, None)
-    env["CUDA_VISIBLE_DEVICES"] = ",".join(str(gpu) for gpu in claim.gpus)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
 
 
 class _StopFlag:
@@ -245,7 +293,9 @@ def _claim(ctx: Context, job_id: str) -> _Claim | None:
     return claim
 
 
-def _prepare_workdir(ctx: Context, claim: _Claim, folder: Path) -> Path:
+def _prepare_workdir(ctx: Context, claim: _Claim, folder: Path, *, fresh: bool) -> Path:
+    if fresh:
+        sandbox.fresh_dir(folder)
     if claim.code_digest is None:
         work = folder / "work"
         work.mkdir(parents=True, exist_ok=True)
@@ -268,11 +318,12 @@ def _resolve_command(command: list[str], cwd: Path, env: dict[str, str]) -> list
     return list(command)
 
 
-def _record_pid(ctx: Context, job_id: str, pid: int) -> None:
+def _record_pid(ctx: Context, job_id: str, pid: int, enforcement: str) -> None:
     with ctx.db.transaction() as s:
         row = s.get(JobRow, job_id, with_for_update=True)
         if row is not None:
             row.pid = pid
+            row.enforcement = enforcement
 
 
 def _should_stop(ctx: Context, job_id: str) -> bool:
@@ -284,13 +335,14 @@ def _should_stop(ctx: Context, job_id: str) -> bool:
         return bool(row.cancel_requested) or row.status != JobStatus.RUNNING.value
 
 
-def _usage(meter: UsageMeter, wall: float) -> JobUsage:
-    # RUSAGE_CHILDREN covers the job and every descendant it waited for, exactly, even a job too
-    # short for any sample. Its ru_maxrss (the largest single process) also counts our own memory
-    # from before the child's exec, so it is evidence about the job only when it beats our own
-    # high-water mark.
+def _usage(meter: UsageMeter, wall: float, cgroup_cpu: float | None) -> JobUsage:
+    # RUSAGE_CHILDREN covers the job and every descendant that was waited for - by its parent, or
+    # by us as their subreaper once their parent was gone - exactly, even a job too short for any
+    # sample; a cgroup's cpu.stat covers every process that ran in it. Its ru_maxrss (the largest
+    # single process) also counts our own memory from before the child's exec, so it is evidence
+    # about the job only when it beats our own high-water mark.
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = max(meter.cpu_seconds, children.ru_utime + children.ru_stime)
+    cpu = max(meter.cpu_seconds, children.ru_utime + children.ru_stime, cgroup_cpu or 0.0)
     peak_mb = meter.peak_memory_mb
     child_peak = children.ru_maxrss * 1024  # KiB on Linux
     if child_peak > high_water_mark(os.getpid()):

@@ -13,15 +13,16 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from sqlalchemy import Engine, create_engine, event, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import NoSuchModuleError
+from sqlalchemy.exc import DisconnectionError, NoSuchModuleError
 from sqlalchemy.orm import Session
 
 from shipyard.errors import InvalidInputError
@@ -36,6 +37,9 @@ class Database:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.is_sqlite = engine.dialect.name == "sqlite"
+        # What upper layers attach to this database (the audit chain's key and head files);
+        # every session sees it as ``session.info["database"].info``.
+        self.info: dict[str, Any] = {}
 
     @contextmanager
     def transaction(self, *, write: bool = True) -> Iterator[Session]:
@@ -46,7 +50,9 @@ class Database:
             conn.info[_WRITE] = write
             try:
                 with (
-                    Session(bind=conn, expire_on_commit=False, autoflush=True) as session,
+                    Session(
+                        bind=conn, expire_on_commit=False, autoflush=True, info={"database": self}
+                    ) as session,
                     session.begin(),
                 ):
                     yield session
@@ -115,7 +121,11 @@ def _make_engine(url: str) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            _make_private(Path(parsed.database))
         options = {"connect_args": {"timeout": 60, "check_same_thread": False}}
+        if parsed.database and parsed.database != ":memory:":
+            database = parsed.database
+            options = {"creator": lambda: _connect_sqlite(database)}
     elif parsed.get_backend_name() == "postgresql":
         if parsed.drivername == "postgresql":
             parsed = parsed.set(drivername="postgresql+psycopg")
@@ -138,20 +148,82 @@ def _make_engine(url: str) -> Engine:
     return engine
 
 
+def _make_private(path: Path) -> None:
+    """Create the SQLite file (and chmod its WAL and shared-memory files) readable by our user
+    only: SQLite gives the -wal and -shm files the database file's mode."""
+    with suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        with suppress(OSError):
+            if name.stat().st_uid == os.geteuid():
+                os.chmod(name, 0o600)
+
+
+class _ReadOnlyConnection(sqlite3.Connection):
+    """A connection opened read-only because the disk is full (see ``_connect_sqlite``)."""
+
+
+# A WAL database needs its shared-memory file sized before the first read; on a full disk that
+# fails, whether or not the connection would only read.
+_NO_ROOM_ON_OPEN = frozenset({"SQLITE_IOERR_SHMSIZE", "SQLITE_IOERR_SHMOPEN", "SQLITE_FULL"})
+_READ_ONLY_AT = "shipyard_read_only_at"
+_READ_ONLY_TTL_S = 1.0  # a pooled read-only connection is replaced (disk re-tried) after this
+
+
+def _connect_sqlite(path: str) -> sqlite3.Connection:
+    """Open ``path``; on a full disk, open it read-only so that reads keep working.
+
+    With no room for the WAL's shared-memory file, even a read fails. Then no other process has
+    the database open (it would hold that file, already sized), so the file is complete as it is
+    and is opened ``immutable``: reads work, every write is refused (SQLITE_READONLY, which the
+    CLI and the API report as a storage fault), and the next connection, once there is room
+    again, is a normal one.
+    """
+    conn = sqlite3.connect(path, timeout=60, check_same_thread=False)
+    try:
+        conn.execute("PRAGMA journal_mode").fetchone()
+    except sqlite3.OperationalError as exc:
+        if getattr(exc, "sqlite_errorname", "") not in _NO_ROOM_ON_OPEN:
+            conn.close()
+            raise
+        conn.close()
+        uri = f"file:{quote(path)}?mode=ro&immutable=1"
+        return sqlite3.connect(
+            uri, uri=True, timeout=60, check_same_thread=False, factory=_ReadOnlyConnection
+        )
+    return conn
+
+
 def _configure_sqlite(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None  # we emit BEGIN ourselves, below
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA busy_timeout=60000")
+        if isinstance(dbapi_connection, _ReadOnlyConnection):
+            cursor.execute("PRAGMA query_only=ON")
+            cursor.close()
+            _record.info[_READ_ONLY_AT] = time.monotonic()
+            return
         _ensure_wal(cursor)
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(_dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        # An immutable connection neither writes nor sees others' writes: a long-lived process
+        # (the server) must not keep one once there is room again, so it is short-lived.
+        since = record.info.get(_READ_ONLY_AT)
+        if since is not None and time.monotonic() - since > _READ_ONLY_TTL_S:
+            raise DisconnectionError("a read-only (full disk) connection: try a normal one")
+
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.info.get(_WRITE, True) else "BEGIN")
+        write = conn.info.get(_WRITE, True)
+        if isinstance(conn.connection.dbapi_connection, _ReadOnlyConnection):
+            write = False  # a full disk: read, and let a write fail on its first statement
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
 
 def _ensure_wal(cursor: Any, *, attempts: int = 50) -> None:
