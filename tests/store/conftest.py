@@ -13,7 +13,13 @@ from tests.pg import create_database, drop_database
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A URL to an empty database (not yet migrated), forgotten and removed after the test."""
+    """A URL to an empty database (not yet migrated), forgotten and removed after the test.
+
+    Its audit key and head anchor go to ``tmp_path/keys`` (worker processes inherit the variable).
+    """
+    request.getfixturevalue("monkeypatch").setenv(
+        "SHIPYARD_AUDIT_KEY_FILE", str(tmp_path / "keys" / "audit.key")
+    )
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'shipyard.db'}"
         yield url
