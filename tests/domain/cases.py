@@ -48,6 +48,21 @@ UNSAFE_PATHS: list[tuple[str, str]] = [
     ("space-segment", "a/ /b"),
     ("empty", ""),
     ("too-long", "a/" * 600),
+    # invisible format characters (category Cf): 'evil\u202etxt.exe' displays as 'evilexe.txt'
+    ("bidi-override", "invoice\u202egpj.exe"),
+    ("bidi-isolate", "a\u2066b\u2069"),
+    ("zero-width-space", "a\u200bb"),
+    ("zero-width-joiner", "a\u200db"),
+    ("bom", "\ufeffa"),
+    ("soft-hyphen", "pass\u00adwd"),
+    # look-alike slashes: they show a folder that does not exist
+    ("division-slash", "a\u2215b"),
+    ("fraction-slash", "..\u2044etc\u2044passwd"),
+    ("fullwidth-reverse-solidus", "a\uff3cb"),
+    ("set-minus", "a\u2216b"),
+    ("big-solidus", "a\u29f8b"),
+    ("box-diagonal", "a\u2571b"),
+    ("combining-solidus-overlay", "a\u0338b"),
 ]
 
 # Names that are also not valid resource names (validate_name) - every case above, plus these.

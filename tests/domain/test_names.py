@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from shipyard.domain.names import validate_name, validate_relative_path
+from shipyard.domain.names import LOOKALIKE_SLASHES, validate_name, validate_relative_path
 from shipyard.errors import InvalidInputError, UnsafePathError
 from tests.domain.cases import SAFE_NAMES, SAFE_PATHS, UNSAFE_NAMES, UNSAFE_PATHS
 
@@ -58,3 +58,32 @@ def test_a_name_must_be_a_string(value: object) -> None:
 @pytest.mark.parametrize("value", SAFE_NAMES)
 def test_valid_names_pass_unchanged(value: str) -> None:
     assert validate_name(value, field="dataset") == value
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        ("report\u202eexe.txt", "U+202E (RIGHT-TO-LEFT OVERRIDE)"),
+        ("a\u200bb", "U+200B (ZERO WIDTH SPACE)"),
+        ("a\u2215b", "U+2215 (DIVISION SLASH)"),
+        ("a\u2044b", "U+2044 (FRACTION SLASH)"),
+        ("a\uff3cb", "U+FF3C (FULLWIDTH REVERSE SOLIDUS)"),
+    ],
+)
+def test_format_characters_and_look_alike_slashes_are_named_in_the_error(
+    value: str, shown: str
+) -> None:
+    with pytest.raises(UnsafePathError) as caught:
+        validate_relative_path(value, field="files[2].path")
+    assert caught.value.field == "files[2].path" and shown in caught.value.message
+    with pytest.raises(InvalidInputError) as named:
+        validate_name(value, field="name")
+    assert named.value.field == "name"
+
+
+def test_every_look_alike_slash_is_refused_and_real_letters_are_not() -> None:
+    for char in LOOKALIKE_SLASHES:
+        with pytest.raises(UnsafePathError):
+            validate_relative_path(f"a{char}b")
+    for legit in ("données/été.csv", "日本/ノート.txt", "a-b_c.d"):
+        assert validate_relative_path(legit) == legit

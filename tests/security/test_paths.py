@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from shipyard.errors import UnsafePathError
-from shipyard.security.paths import safe_join, walk_files
+from shipyard.security.paths import safe_file, safe_join, walk_files
 from tests.domain.cases import SAFE_PATHS, UNSAFE_PATHS
 
 FIELD = "files[0].path"
@@ -200,3 +200,33 @@ def test_walk_files_skips_what_is_not_a_regular_file(tree: tuple[Path, Path]) ->
     os.mkfifo(root / "a" / "pipe")
     (root / "dangling").symlink_to(root / "nowhere")
     assert [rel for rel, _ in walk_files(root)] == ["a/b.parquet", "images/0001.png"]
+
+
+# --- hard links and single files -----------------------------------------------------------------
+
+
+def test_walk_files_refuses_a_hard_link_naming_it(tree: tuple[Path, Path]) -> None:
+    root, outside = tree
+    os.link(outside / "secret.txt", root / "a" / "notes.txt")
+    with pytest.raises(UnsafePathError) as caught:
+        list(walk_files(root, field=FIELD))
+    assert_unsafe(caught)
+    assert "'a/notes.txt'" in caught.value.message and "hard link (2 names" in caught.value.message
+
+
+def test_safe_file_confines_a_single_file_to_its_folder(tree: tuple[Path, Path]) -> None:
+    root, outside = tree
+    assert safe_file(root / "a" / "b.parquet") == (root / "a" / "b.parquet").resolve()
+    (root / "a" / "inside.lnk").symlink_to(root / "a" / "b.parquet")
+    assert safe_file(root / "a" / "inside.lnk") == (root / "a" / "b.parquet").resolve()
+    (root / "a" / "out.lnk").symlink_to(outside / "secret.txt")
+    with pytest.raises(UnsafePathError) as caught:
+        safe_file(root / "a" / "out.lnk", field=FIELD)
+    assert_unsafe(caught)
+    (root / "a" / "up.lnk").symlink_to(root / "images" / "0001.png")  # a sibling folder: out too
+    with pytest.raises(UnsafePathError):
+        safe_file(root / "a" / "up.lnk", field=FIELD)
+    os.link(outside / "secret.txt", root / "a" / "hard.txt")
+    with pytest.raises(UnsafePathError) as caught:
+        safe_file(root / "a" / "hard.txt", field=FIELD)
+    assert "hard link" in caught.value.message

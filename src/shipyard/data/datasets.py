@@ -41,9 +41,12 @@ from shipyard.domain.models import (
     ValidationResult,
 )
 from shipyard.domain.names import validate_name, validate_relative_path
+from shipyard.domain.principals import Role
 from shipyard.errors import ConflictError, InvalidInputError, NotFoundError
 from shipyard.security import audit
-from shipyard.security.paths import safe_join, walk_files
+from shipyard.security.blobrefs import add_refs, require_refs
+from shipyard.security.paths import safe_file, safe_join, walk_files
+from shipyard.security.rbac import authorize
 from shipyard.store.engine import lock
 from shipyard.store.queries import project_id
 from shipyard.store.tables import DatasetRow, DatasetVersionRow, ProjectRow, aware, utcnow
@@ -90,9 +93,35 @@ def commit_files(
     of that holds. When the files are exactly those of the latest version, that version is
     returned and nothing is written, so retrying a commit is harmless (the new ``message`` is then
     ignored). ``progress`` reports the checking and profiling pass over the files.
+
+    A blob that the previous version does not already hold is re-hashed first: one whose stored
+    content went bad is moved aside and the commit refused with a 409 naming the blob and the
+    path, so that uploading the file again (then retrying) stores it whole.
     """
+    return _commit(
+        ctx,
+        project=project,
+        name=name,
+        files=files,
+        message=message,
+        progress=progress,
+        verified=frozenset(),
+    )
+
+
+def _commit(
+    ctx: Context,
+    *,
+    project: str,
+    name: str,
+    files: Sequence[FileEntry],
+    message: str,
+    progress: Progress | None,
+    verified: frozenset[str],
+) -> DatasetVersion:
     validate_name(project, field="project")
     validate_name(name, field="name")
+    authorize(ctx, project=project, need=Role.EDITOR)
     entries = _check_entries(ctx, files)
     total = sum(e.size for e in entries)
 
@@ -100,6 +129,11 @@ def commit_files(
     base_files = _read_manifest(ctx, base.manifest_digest) if base else []
     if base is not None and base_files == entries:
         return base
+    known = {f.digest for f in base_files}
+    require_refs(
+        ctx, project=project, digests={e.digest for e in entries} - known, field="files.digest"
+    )
+    _verify_blobs(ctx, files, skip=verified | {f.digest for f in base_files})
     profile, validation = _profile(
         ctx, entries, known=_known_tables(base, base_files), progress=progress
     )
@@ -118,6 +152,7 @@ def commit_files(
             profile=profile,
             validation=validation,
             message=message,
+            digests=[manifest_digest, *(e.digest for e in entries)],
         )
         if committed is not None:
             return committed
@@ -145,22 +180,32 @@ def commit_directory(
 
     A single file is committed under its base name. Files are streamed into the store (identical
     content is stored once); ``progress`` reports that upload. Every path is checked before the
-    first byte is stored, so a symlink that points out of ``source`` (an :class:`UnsafePathError`
-    naming it) or an unsafe file name leaves the store untouched.
+    first byte is stored, so a symlink that points out of ``source`` (or, for a single file, out
+    of its folder), a hard link, or an unsafe file name (an :class:`UnsafePathError` naming it)
+    leaves the store untouched.
     """
     validate_name(project, field="project")
     validate_name(name, field="name")
+    authorize(ctx, project=project, need=Role.EDITOR)
     found = source_files(Path(source))
     total = sum(real.stat().st_size for _, real in found)
     done = 0
     entries: list[FileEntry] = []
     for rel, real in found:
-        put = ctx.blobs.put_file(real)
+        put = ctx.blobs.put_file(real)  # hashes what it stores, and re-hashes what was there
         entries.append(FileEntry(path=rel, digest=put.digest, size=put.size))
         done += put.size
         if progress is not None:
             progress(done, max(total, done), rel)
-    return commit_files(ctx, project=project, name=name, files=entries, message=message)
+    return _commit(
+        ctx,
+        project=project,
+        name=name,
+        files=entries,
+        message=message,
+        progress=None,
+        verified=frozenset(e.digest for e in entries),
+    )
 
 
 # --- reads --------------------------------------------------------------------------------------
@@ -168,6 +213,7 @@ def commit_directory(
 
 def list_datasets(ctx: Context, *, project: str) -> list[Dataset]:
     """Every dataset of ``project``, by name."""
+    authorize(ctx, project=project, need=Role.VIEWER)
     with ctx.db.read() as s:
         pid = project_id(s, project, create=False)
         rows = s.execute(
@@ -180,6 +226,7 @@ def list_datasets(ctx: Context, *, project: str) -> list[Dataset]:
 
 def get_dataset(ctx: Context, *, project: str, name: str) -> Dataset:
     """One dataset, with its latest version number."""
+    authorize(ctx, project=project, need=Role.VIEWER)
     with ctx.db.read() as s:
         row = _dataset_row(s, project, name)
         latest = s.scalar(
@@ -192,6 +239,7 @@ def get_dataset(ctx: Context, *, project: str, name: str) -> Dataset:
 
 def list_versions(ctx: Context, *, project: str, name: str) -> list[DatasetVersion]:
     """Every version of the dataset, oldest first."""
+    authorize(ctx, project=project, need=Role.VIEWER)
     with ctx.db.read() as s:
         row = _dataset_row(s, project, name)
         versions = s.scalars(
@@ -207,6 +255,7 @@ def get_version(
 ) -> DatasetVersion:
     """One version: ``None`` or ``"latest"`` for the newest, else ``3``, ``"3"`` or ``"v3"``."""
     number = _parse_version(version)
+    authorize(ctx, project=project, need=Role.VIEWER)
     with ctx.db.read() as s:
         row = _dataset_row(s, project, name)
         query = select(DatasetVersionRow).where(DatasetVersionRow.dataset_id == row.id)
@@ -294,6 +343,11 @@ def read_table(
     return _parse_table(path, ctx.blobs.get_bytes(entry.digest))
 
 
+def manifest_digests(ctx: Context, manifest_digest: str) -> set[str]:
+    """The digests a dataset manifest references: its files' and its own (for the collector)."""
+    return {manifest_digest, *(f.digest for f in _read_manifest(ctx, manifest_digest))}
+
+
 # --- helpers: checking input --------------------------------------------------------------------
 
 
@@ -330,6 +384,7 @@ def _check_entries(ctx: Context, files: Sequence[FileEntry]) -> list[FileEntry]:
                 "upload the blob first",
                 field=f"{field}.digest",
             )
+        ctx.blobs.touch(entry.digest)  # in use again: the collector's grace period starts over
         stored = ctx.blobs.size(entry.digest)
         if stored != entry.size:
             raise InvalidInputError(
@@ -349,11 +404,36 @@ def source_files(source: Path) -> list[tuple[str, Path]]:
         raise NotFoundError(f"source {str(source)!r} does not exist", field="source")
     if source.is_file():
         validate_relative_path(source.name, field="source")
-        return [(source.name, source)]
+        return [(source.name, safe_file(source, field="source"))]
     found = list(walk_files(source, field="source"))
     if not found:
         raise InvalidInputError(f"source {str(source)!r} contains no files", field="source")
     return found
+
+
+def _verify_blobs(ctx: Context, files: Sequence[FileEntry], *, skip: frozenset[str]) -> None:
+    """Re-hash each referenced blob not in ``skip``; refuse the commit (409) at a corrupted one,
+    after moving it aside so that the next upload of the file stores it whole."""
+    checked: set[str] = set(skip)
+    for i, entry in enumerate(files):
+        if entry.digest in checked:
+            continue
+        checked.add(entry.digest)
+        if ctx.blobs.verify(entry.digest):
+            continue
+        moved = ctx.blobs.quarantine(entry.digest)
+        then = (
+            "it was moved aside: upload the file again (commit it again), then retry"
+            if moved
+            else "restore it from a backup or upload the file again, then retry"
+        )
+        raise ConflictError(
+            f"files[{i}].digest: blob {entry.digest} ({entry.path!r}) is corrupted in the store "
+            f"(its content no longer matches its hash); nothing was committed; {then}",
+            field=f"files[{i}].digest",
+            digest=entry.digest,
+            path=entry.path,
+        )
 
 
 def _read_manifest(ctx: Context, digest: str) -> list[FileEntry]:
@@ -536,11 +616,13 @@ def _insert_version(
     profile: DatasetProfile,
     validation: list[ValidationResult],
     message: str,
+    digests: Iterable[str] = (),
 ) -> DatasetVersion | None:
     """Insert the next version, or return None when the latest is no longer ``base_id``."""
     with ctx.db.transaction() as s:
         lock(s, "datasets")
         pid = project_id(s, project, create=True)
+        add_refs(s, project_pk=pid, digests=digests)
         dataset = s.scalar(
             select(DatasetRow).where(DatasetRow.project_id == pid, DatasetRow.name == name)
         )

@@ -4,6 +4,11 @@ Two checks, both required: the lexical one in ``domain.names`` (rejecting every 
 and here the real-path one: after resolving symlinks on disk, the target must still be inside the
 root. A symlink placed inside the root that points out therefore fails here even though its name
 is innocent.
+
+Files read *from* a user's folder (a dataset commit) are also refused when they are hard links
+(``st_nlink > 1``): a hard link is indistinguishable from the file it shares an inode with, which
+may live anywhere on the same file system, so it could bring outside content in under an innocent
+name. Refused rather than flagged: the error names the file and says to commit a copy.
 """
 
 from __future__ import annotations
@@ -48,4 +53,29 @@ def walk_files(root: str | Path, *, field: str = "path") -> Iterator[tuple[str, 
             rel = full.relative_to(real_root).as_posix()
             real = safe_join(real_root, rel, field=field)
             if real.is_file():
+                check_not_hard_link(real, rel, field=field)
                 yield rel, real
+
+
+def safe_file(path: str | Path, *, field: str = "path") -> Path:
+    """The real path of the single file ``path``, confined to the folder it is named in.
+
+    A symlink is followed only while its target stays in that folder (one that points out raises
+    :class:`UnsafePathError`), and a hard link is refused like in :func:`walk_files`.
+    """
+    path = Path(path)
+    real = safe_join(path.parent, path.name, field=field)
+    check_not_hard_link(real, path.name, field=field)
+    return real
+
+
+def check_not_hard_link(real: Path, shown: str, *, field: str = "path") -> None:
+    """Raise :class:`UnsafePathError` if the regular file ``real`` has more than one name."""
+    links = os.stat(real).st_nlink
+    if links > 1:
+        raise UnsafePathError(
+            f"{field} {shown!r} is a hard link ({links} names share its content, which may live "
+            "outside the folder); hard links are refused: commit a copy of the file instead "
+            "(cp, not ln)",
+            field=field,
+        )

@@ -25,6 +25,7 @@ from shipyard.errors import (
     InvalidInputError,
     PayloadTooLargeError,
     ShipyardError,
+    storage_fault,
 )
 
 log = logging.getLogger("shipyard.server")
@@ -166,6 +167,10 @@ class InternalErrorMiddleware:
                 raise
             if isinstance(exc, ShipyardError):  # raised by a middleware, outside the handlers
                 response = error_response(exc)
+            elif (fault := storage_fault(exc)) is not None:
+                # a full disk (507) or a read-only one (503) under the uploads folder or the
+                # database: the client can tell it from a bug, and retry later
+                response = error_response(fault)
             else:
                 error_id = uuid.uuid4().hex[:12]
                 log.exception(

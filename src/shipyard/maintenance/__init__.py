@@ -1,0 +1,1 @@
+"""Maintenance of a home: garbage collection of unreferenced blobs and stale temp files."""

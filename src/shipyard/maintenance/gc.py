@@ -1,0 +1,186 @@
+"""Garbage collection: reclaim blobs that nothing references, and temp files writers left.
+
+A commit writes its blobs first and its version row last, so a commit that fails or is killed
+leaves blobs that no version references (and, killed mid-write, temp files); so does an upload
+that is never committed. ``collect_garbage`` reclaims them, mark and sweep:
+
+1. **sweep temp files** older than the grace period (the blob store's ``tmp/`` and the server's
+   ``uploads/``; a younger one may belong to a writer still streaming);
+2. **mark** every digest the metadata references: each column named ``digest`` or ``*_digest``
+   in every table (dataset manifests, run artifacts, model versions, job code snapshots, and any
+   such column added later), then every file listed in every dataset manifest. Tables named
+   ``blob*`` describe blobs (which project may read them) rather than use them, and do not
+   count; their rows for swept blobs are deleted with the sweep. A manifest that cannot be read
+   aborts the collection before anything is deleted: its files are unknown;
+3. **sweep** each stored blob that is not marked and was last modified before the grace period
+   started; the age is checked again right before each unlink. Writers refresh a blob's
+   modification time when they store content that is already there, and a dataset commit refreshes
+   each blob it references before recording it, so a commit in flight is never swept as long as it
+   takes less than the grace period (default one hour).
+
+``dry_run`` deletes nothing and reports what would go, with the bytes. A run that deleted
+something writes one ``blobs.gc`` audit event.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from pydantic import BaseModel
+from sqlalchemy import String, Table, delete, select
+
+from shipyard.context import Context
+from shipyard.data.datasets import manifest_digests
+from shipyard.errors import InvalidInputError, ShipyardError
+from shipyard.security import audit
+from shipyard.security.rbac import require_server_admin
+from shipyard.store.tables import Base
+
+DEFAULT_GRACE_S = 3600.0
+UPLOADS_DIR = "uploads"  # the server's upload folder in the home (server/routers/blobs.py)
+_UPLOAD_PREFIX = "upload-"
+
+
+class GcReport(BaseModel):
+    """What a collection found and did (``dry_run``: what it would do)."""
+
+    dry_run: bool
+    grace_s: float
+    referenced: int  # distinct digests the metadata references
+    scanned: int  # blobs in the store
+    swept: int  # unreferenced blobs removed (or that would be)
+    swept_bytes: int
+    kept_recent: int  # unreferenced but younger than the grace period: kept
+    kept_recent_bytes: int
+    temp_files: int  # stale temp files removed (or that would be)
+    temp_bytes: int
+
+
+def collect_garbage(
+    ctx: Context, *, grace_s: float = DEFAULT_GRACE_S, dry_run: bool = False
+) -> GcReport:
+    """Mark from every version, artifact, model and snapshot; sweep what is older than
+    ``grace_s`` seconds and unreferenced. Server admins only (the local user is one)."""
+    require_server_admin(ctx, what="garbage collection")
+    if not isinstance(grace_s, (int, float)) or grace_s != grace_s or grace_s < 0:
+        raise InvalidInputError(
+            f"grace period {grace_s!r} must be a number of seconds >= 0", field="grace"
+        )
+    started = time.time()
+    cutoff = started - grace_s
+
+    temp = ctx.blobs.stale_temp(older_than_s=grace_s, remove=not dry_run)
+    temp += _stale_uploads(ctx.settings.home / UPLOADS_DIR, cutoff=cutoff, remove=not dry_run)
+
+    marked = referenced_digests(ctx)
+    removed: list[str] = []
+    scanned = swept = swept_bytes = kept = kept_bytes = 0
+    for blob in ctx.blobs.iter_blobs():
+        scanned += 1
+        if blob.digest in marked:
+            continue
+        if blob.mtime is None or blob.mtime > cutoff:
+            kept += 1
+            kept_bytes += blob.size
+            continue
+        if dry_run or ctx.blobs.remove(blob.digest, unless_newer_than=cutoff):
+            swept += 1
+            swept_bytes += blob.size
+            removed.append(blob.digest)
+        # else: refreshed by a writer (or removed by another collector) since it was listed
+
+    report = GcReport(
+        dry_run=dry_run,
+        grace_s=float(grace_s),
+        referenced=len(marked),
+        scanned=scanned,
+        swept=swept,
+        swept_bytes=swept_bytes,
+        kept_recent=kept,
+        kept_recent_bytes=kept_bytes,
+        temp_files=len(temp),
+        temp_bytes=sum(size for _, size in temp),
+    )
+    if not dry_run and (swept or temp):
+        # claims on blobs that are gone (unless an upload stored the content again meanwhile)
+        gone = [d for d in removed if not ctx.blobs.exists(d)]
+        with ctx.db.transaction() as s:
+            for table in _claim_tables():
+                for start in range(0, len(gone), 500):
+                    s.execute(delete(table).where(table.c.digest.in_(gone[start : start + 500])))
+            audit.record(
+                s,
+                actor=ctx.actor,
+                action="blobs.gc",
+                resource="blobs",
+                details=report.model_dump(),
+            )
+    return report
+
+
+def referenced_digests(ctx: Context) -> set[str]:
+    """Every blob digest the metadata references, dataset manifests' files included."""
+    marked: set[str] = set()
+    manifests: set[str] = set()
+    with ctx.db.read() as s:
+        for table in Base.metadata.sorted_tables:
+            if table.name.startswith("blob"):
+                continue
+            for column in table.columns:
+                if not _is_digest_column(column.name, column.type):
+                    continue
+                values = s.scalars(select(column).where(column.is_not(None)).distinct())
+                found = {v for v in values if isinstance(v, str)}
+                marked |= found
+                if table.name == "dataset_versions" and column.name == "manifest_digest":
+                    manifests |= found
+    for digest in sorted(manifests):  # blob reads: outside the read transaction
+        try:
+            marked |= manifest_digests(ctx, digest)
+        except ShipyardError as exc:
+            raise type(exc)(
+                f"garbage collection stopped before deleting anything: the dataset manifest "
+                f"{digest} cannot be read ({exc.message}), so the files it lists are unknown; "
+                "restore the manifest blob, then run it again",
+                field="manifest_digest",
+                digest=digest,
+            ) from exc
+    return marked
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def _claim_tables() -> list[Table]:
+    return [
+        t
+        for t in Base.metadata.sorted_tables
+        if t.name.startswith("blob") and "digest" in t.c and isinstance(t.c.digest.type, String)
+    ]
+
+
+def _is_digest_column(name: str, kind: object) -> bool:
+    return (name == "digest" or name.endswith("_digest")) and isinstance(kind, String)
+
+
+def _stale_uploads(folder: Path, *, cutoff: float, remove: bool) -> list[tuple[Path, int]]:
+    found: list[tuple[Path, int]] = []
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return found
+    for entry in entries:
+        if not entry.name.startswith(_UPLOAD_PREFIX):
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+            if not entry.is_file(follow_symlinks=False) or info.st_mtime > cutoff:
+                continue
+            if remove:
+                os.unlink(entry.path)
+            found.append((Path(entry.path), info.st_size))
+        except OSError:  # gone meanwhile, or read-only: best effort
+            continue
+    return found
