@@ -38,6 +38,10 @@ COMMANDS = [
     ["endpoints", "stop"],
     ["predict"],
     ["token", "create"],
+    ["gc"],
+    ["audit"],
+    ["audit", "list"],
+    ["audit", "verify"],
 ]
 
 
@@ -112,6 +116,40 @@ def test_run_follows_logs_and_reports_status(home: Path, tmp_path: Path) -> None
     assert missing.returncode == 1 and "no-such-command-xyz" in missing.stderr
     jobs = shipyard(home, "jobs", "list")
     assert jobs.stdout.count("succeeded") == 1 and jobs.stdout.count("failed") == 1
+
+
+def test_by_id_commands_look_in_one_project(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`jobs show|logs|cancel ID` and `runs show ID` find an id only in --project (default
+    $SHIPYARD_PROJECT, else 'default'), like the REST API's per-project paths."""
+    code = tmp_path / "code"
+    code.mkdir()
+    submitted = shipyard(
+        home, "run", "-p", "p", "-d", "--", sys.executable, "-c", "print('hi')", cwd=code
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    logs = shipyard(home, "jobs", "logs", job_id, "--project", "p", "--follow")
+    assert logs.returncode == 0 and "hi" in logs.stdout, logs.stderr
+    shown = shipyard(home, "jobs", "show", job_id, "--project", "p")
+    assert shown.returncode == 0 and '"project": "p"' in shown.stdout, shown.stderr
+    run_id = json_field(shown.stdout, "run_id")
+    assert shipyard(home, "runs", "show", run_id, "-p", "p").returncode == 0
+    with monkeypatch.context() as env:
+        env.setenv("SHIPYARD_PROJECT", "p")
+        in_env = shipyard(home, "jobs", "show", job_id)
+    assert in_env.returncode == 0, in_env.stderr
+    for args in (["jobs", "show", job_id], ["jobs", "cancel", job_id], ["runs", "show", run_id]):
+        elsewhere = shipyard(home, *args)  # the default project has no such id
+        assert elsewhere.returncode == 1, elsewhere.stdout
+        assert "does not exist" in elsewhere.stderr and "Traceback" not in elsewhere.stderr
+
+
+def json_field(text: str, key: str) -> str:
+    import json
+
+    return str(json.loads(text)[key])
 
 
 def test_models_deploy_predict_and_stop(home: Path, tmp_path: Path) -> None:

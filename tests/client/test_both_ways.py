@@ -3,7 +3,6 @@ give the same results (ids and timestamps aside)."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from shipyard.domain.models import JobStatus, RunStatus
 from shipyard.errors import InvalidInputError, NotFoundError, UnsafePathError
 from shipyard.settings import Settings
 from tests.conftest import LiveServer
+from tests.job_user import job_command
 from tests.onnx_models import linear_model
 
 
@@ -38,6 +38,7 @@ def _scenario(client: Client, workdir: Path) -> dict[str, Any]:
 
     model_file = workdir / "m.onnx"
     model_file.write_bytes(linear_model(input_name="input", output_name="logits").data)
+    client.backend.create_run(project="shared")  # a project that exists, but not run's
     with shipyard.init(project="default", client=client, params={"lr": 0.1}) as run:
         run.use_dataset("ds", 2)
         for step in range(50):
@@ -50,6 +51,9 @@ def _scenario(client: Client, workdir: Path) -> dict[str, Any]:
         lambda: client.datasets.get("nope"),
         lambda: client.models.get("m", "staging"),
         lambda: client.datasets.commit(data, name="../x"),
+        # by id, but in another project: not found, as over the REST API's per-project paths
+        lambda: client.runs.get(run.id, project="elsewhere"),
+        lambda: client.runs.get(run.id, project="shared"),
     ):
         try:
             bad()
@@ -102,6 +106,8 @@ def test_embedded_and_server_give_the_same_results(tmp_path: Path, live_server: 
         ("NotFoundError", "name"),
         ("NotFoundError", "ref"),
         ("InvalidInputError", "name"),
+        ("NotFoundError", "run_id"),
+        ("NotFoundError", "run_id"),
     ]
     assert remote_result == local_result
     remote.close()
@@ -119,7 +125,8 @@ def _remote_job(remote: Client, workdir: Path) -> None:
         "print('trained', run.id)\n"
     )
     run = remote.backend.create_run(project="default", name="remote-train")
-    job = remote.jobs.submit([sys.executable, "train.py"], code_dir=code, run_id=run.id)
+    command, env = job_command("train.py")  # a server runs it as its job user
+    job = remote.jobs.submit(command, code_dir=code, env=env, run_id=run.id)
     lines: list[str] = []
     done = follow_job(remote, job.id, on_line=lines.append, timeout=120)
     assert done.status == JobStatus.SUCCEEDED, (done.message, lines)

@@ -32,7 +32,7 @@ def test_a_created_token_authenticates(ctx: Context) -> None:
 
     assert secret.startswith(TOKEN_PREFIX) and len(secret) > 40
     assert token.name == "ci" and secret.startswith(token.prefix)
-    assert authenticate(ctx, secret=secret) == "token:ci"
+    assert authenticate(ctx, secret=secret).actor == "user:admin"  # the local admin's token
     assert [t.id for t in list_tokens(ctx)] == [token.id]
 
 
@@ -40,7 +40,7 @@ def test_tokens_are_different_every_time(ctx: Context) -> None:
     _, first = create_token(ctx, name="a")
     _, second = create_token(ctx, name="a")
     assert first != second
-    assert authenticate(ctx, secret=first) == authenticate(ctx, secret=second) == "token:a"
+    assert authenticate(ctx, secret=first) == authenticate(ctx, secret=second)
 
 
 def test_the_secret_is_stored_only_as_its_hash(ctx: Context, home: Path) -> None:
@@ -120,5 +120,5 @@ def test_creating_a_token_is_audited(ctx: Context) -> None:
         events = audit.list_events(s)
         assert audit.verify_chain(s) is None
     assert [(e.actor, e.action, e.resource, e.details) for e in events] == [
-        ("tester", "token.create", f"token/{token.id}", {"name": "ci"})
+        ("tester", "token.create", f"token/{token.id}", {"name": "ci", "principal": "admin"})
     ]

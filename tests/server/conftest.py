@@ -48,7 +48,7 @@ def app(client: TestClient) -> FastAPI:
 
 @pytest.fixture
 def token(ctx: Context) -> str:
-    """The secret of a fresh API token named ``alice`` (actor ``token:alice``)."""
+    """The secret of a fresh API token named ``alice``, of the server admin ``admin``."""
     _, secret = create_token(ctx, name="alice")
     return secret
 

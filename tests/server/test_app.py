@@ -66,14 +66,15 @@ def test_main_reports_bad_settings_with_exit_status_2(
 
 def test_create_app_reads_settings_from_the_environment(home_env: Path) -> None:
     with TestClient(create_app(scheduler=False)) as client:
-        assert client.post("/api/v1/runs", json={"name": "from-env"}).status_code == 201
+        created = client.post("/api/v1/projects/default/runs", json={"name": "from-env"})
+        assert created.status_code == 201
     assert (home_env / "shipyard.db").exists()
 
 
 def test_limits_from_the_environment(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SHIPYARD_MAX_BODY_MB", "0.001")  # about 1 KB
     with TestClient(create_app(settings, scheduler=False)) as client:
-        response = client.post("/api/v1/runs", json={"tags": {"t": "x" * 2000}})
+        response = client.post("/api/v1/projects/default/runs", json={"tags": {"t": "x" * 2000}})
         assert response.status_code == 413
     monkeypatch.setenv("SHIPYARD_MAX_BODY_MB", "lots")
     with pytest.raises(InvalidInputError) as raised:
@@ -117,25 +118,19 @@ def test_a_failing_tick_is_logged_and_the_next_one_runs(
 
 
 def test_metrics_endpoint_counts_requests_and_shows_job_states(client: TestClient) -> None:
-    run_id = client.post("/api/v1/runs", json={}).json()["id"]
-    client.get(f"/api/v1/runs/{run_id}")
-    client.get("/api/v1/runs/nope")
-    client.get("/api/v1/datasets/%2e%2e%2fetc")
+    run_id = client.post("/api/v1/projects/default/runs", json={}).json()["id"]
+    client.get(f"/api/v1/projects/default/runs/{run_id}")
+    client.get("/api/v1/projects/default/runs/nope")
+    client.get("/api/v1/projects/default/datasets/%2e%2e%2fetc")
     response = client.get("/metrics")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
     text = response.text
-    assert (
-        'shipyard_http_requests_total{method="POST",route="/api/v1/runs",status="201"} 1.0' in text
-    )
-    assert (
-        'shipyard_http_requests_total{method="GET",route="/api/v1/runs/{run_id}",status="200"} 1.0'
-        in text
-    )
-    assert (
-        'shipyard_http_requests_total{method="GET",route="/api/v1/runs/{run_id}",status="404"} 1.0'
-        in text
-    )
+    runs = "/api/v1/projects/{project}/runs"
+    total = "shipyard_http_requests_total"
+    assert f'{total}{{method="POST",route="{runs}",status="201"}} 1.0' in text
+    assert f'{total}{{method="GET",route="{runs}/{{run_id}}",status="200"}} 1.0' in text
+    assert f'{total}{{method="GET",route="{runs}/{{run_id}}",status="404"}} 1.0' in text
     assert 'route="<unmatched>",status="400"' in text
     assert run_id not in text  # ids never become labels
     assert 'shipyard_jobs{state="queued"} 0.0' in text

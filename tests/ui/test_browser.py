@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,6 +26,7 @@ from shipyard.security.tokens import create_token
 from shipyard.settings import Settings
 from shipyard.store.engine import forget_database
 from tests.conftest import LiveServer, wait_for
+from tests.job_user import job_python
 from tests.onnx_models import linear_model
 
 if TYPE_CHECKING:
@@ -153,7 +153,7 @@ def test_with_auth_on_the_page_needs_a_token(browser: Browser, tmp_path: Path) -
     home = tmp_path / "auth-home"
     home.mkdir()
     settings = Settings(home=home)
-    _, secret = create_token(open_context(settings, actor="admin"), name="alice")
+    _, secret = create_token(open_context(settings, actor="admin"), name="alice")  # user:admin
     forget_database(settings.database_url)
     server = LiveServer(home, auth=True)
     try:
@@ -171,7 +171,7 @@ def test_with_auth_on_the_page_needs_a_token(browser: Browser, tmp_path: Path) -
         response = page.goto(f"{server.url}/")
         assert response is not None and response.status == 200
         expect(page).to_have_title("shipyard · default")
-        expect(page.locator("header .actor")).to_have_text("signed in as token:alice")
+        expect(page.locator("header .actor")).to_have_text("signed in as user:admin")
         assert watch.statuses("/static/htmx.min.js") == [200]
         assert page.evaluate("typeof window.htmx") == "object"
         watch.assert_clean()
@@ -201,7 +201,7 @@ def _populate(client: Client, tmp_path: Path) -> dict[str, str]:
         run.log_model(model_file, name="digits")
     client.models.set_alias("digits", "production", 1)
 
-    job = client.jobs.submit([sys.executable, "-c", "print(1)"], name="hello")
+    job = client.jobs.submit([job_python()[0], "-c", "print(1)"], name="hello")
     done = wait_for(
         lambda: (j := client.jobs.get(job.id)).status.finished and j,
         timeout=30,

@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -18,14 +19,17 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
-from rich.table import Table
+from rich.table import Column, Table
 
+from shipyard.blobs.store import check_blob_url
 from shipyard.client import Client
 from shipyard.context import open_context
 from shipyard.demo.lifecycle import Reporter, follow_job, run_demo
 from shipyard.domain.models import JobStatus
-from shipyard.errors import InvalidInputError, ShipyardError
-from shipyard.security.tokens import create_token
+from shipyard.errors import IntegrityError, InvalidInputError, ShipyardError, storage_fault
+from shipyard.maintenance.gc import DEFAULT_GRACE_S, collect_garbage
+from shipyard.security import principals as sec_principals
+from shipyard.security.tokens import create_token, list_tokens, parse_duration, revoke_token
 from shipyard.settings import ENV_BLOBS, ENV_DB, Settings
 
 app = typer.Typer(
@@ -45,6 +49,14 @@ app.add_typer(runs_app, name="runs")
 app.add_typer(models_app, name="models")
 app.add_typer(endpoints_app, name="endpoints")
 app.add_typer(token_app, name="token")
+users_app = typer.Typer(help="Users and service accounts (server host).", no_args_is_help=True)
+projects_app = typer.Typer(help="Projects (server host).", no_args_is_help=True)
+members_app = typer.Typer(help="Who may do what in a project (server host).", no_args_is_help=True)
+app.add_typer(users_app, name="users")
+app.add_typer(projects_app, name="projects")
+app.add_typer(members_app, name="members")
+audit_app = typer.Typer(help="The audit log: list events, verify the chain.", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
 
 console = Console()
 err = Console(stderr=True)
@@ -88,6 +100,8 @@ def server(
         env[ENV_DB] = db
     if blobs:
         env[ENV_BLOBS] = blobs
+    if env.get(ENV_BLOBS):
+        check_blob_url(env[ENV_BLOBS])  # a missing backend (s3fs) is one error line, here
     os.execve(sys.executable, args, env)
 
 
@@ -277,7 +291,10 @@ def run(
         console.print(job.id)
         return
     job = follow_job(
-        client, job.id, on_line=lambda line: console.print(line, highlight=False, markup=False)
+        client,
+        job.id,
+        on_line=lambda line: console.print(line, highlight=False, markup=False),
+        project=job.project,
     )
     err.print(
         f"job {job.id} {job.status.value}"
@@ -310,9 +327,9 @@ def jobs_list(
 
 
 @jobs_app.command("show")
-def jobs_show(job_id: str) -> None:
-    """Show one job."""
-    console.print_json(_client().jobs.get(job_id).model_dump_json())
+def jobs_show(job_id: str, project: ProjectOpt = None) -> None:
+    """Show one job (of --project)."""
+    console.print_json(_client().jobs.get(job_id, project=project).model_dump_json())
 
 
 @jobs_app.command("logs")
@@ -321,17 +338,21 @@ def jobs_logs(
     follow: Annotated[
         bool, typer.Option("--follow", "-f", help="Keep printing until the job ends.")
     ] = False,
+    project: ProjectOpt = None,
 ) -> None:
     """Print a job's captured output."""
     client = _client()
     if follow:
         follow_job(
-            client, job_id, on_line=lambda line: console.print(line, highlight=False, markup=False)
+            client,
+            job_id,
+            on_line=lambda line: console.print(line, highlight=False, markup=False),
+            project=project,
         )
         return
     offset = 0
     while True:
-        data, offset, _ = client.jobs.logs(job_id, offset=offset)
+        data, offset, _ = client.jobs.logs(job_id, offset=offset, project=project)
         if not data:
             break
         sys.stdout.write(data)
@@ -339,9 +360,9 @@ def jobs_logs(
 
 
 @jobs_app.command("cancel")
-def jobs_cancel(job_id: str) -> None:
-    """Cancel a queued or running job."""
-    job = _client().jobs.cancel(job_id)
+def jobs_cancel(job_id: str, project: ProjectOpt = None) -> None:
+    """Cancel a queued or running job (of --project)."""
+    job = _client().jobs.cancel(job_id, project=project)
     console.print(f"job {job.id} {job.status.value}")
 
 
@@ -359,9 +380,9 @@ def runs_list(project: ProjectOpt = None) -> None:
 
 
 @runs_app.command("show")
-def runs_show(run_id: str) -> None:
-    """Show one run: params, latest metrics, artifacts."""
-    console.print_json(_client().runs.get(run_id).model_dump_json())
+def runs_show(run_id: str, project: ProjectOpt = None) -> None:
+    """Show one run (of --project): params, latest metrics, artifacts."""
+    console.print_json(_client().runs.get(run_id, project=project).model_dump_json())
 
 
 # --- models -----------------------------------------------------------------------------------
@@ -473,7 +494,7 @@ def predict(
     """Send rows to an endpoint (OIP v2) and print the outputs."""
     if (data is None) == (file is None):
         raise InvalidInputError("give exactly one of --data or --file", field="data")
-    payload = json.loads(file.read_text() if file else data)  # type: ignore[arg-type]
+    payload = _predict_payload(data, file)
     client = _client()
     dep = client.deployments.get(name, project=project)
     if not dep.url:
@@ -485,7 +506,7 @@ def predict(
     else:
         mv = client.models.get(dep.model, dep.version, project=project)
         spec = mv.signature.inputs[0]
-        rows = payload if isinstance(payload[0], list) else [payload]
+        rows = payload
         request = {
             "inputs": [
                 {
@@ -502,33 +523,306 @@ def predict(
     console.print_json(response.text)
 
 
+def _predict_payload(data: str | None, file: Path | None) -> dict[str, Any] | list[list[Any]]:
+    """The parsed ``--data``/``--file``: a full OIP v2 request (an object), or rows (a list of
+    equally long lists of values; one flat list is one row). Bad JSON names the option."""
+    field = "file" if file is not None else "data"
+    if file is not None:
+        try:
+            text = file.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            message = f"--file {str(file)!r} cannot be read: {exc}"
+            raise InvalidInputError(message, field=field) from None
+    else:
+        text = data or ""
+    try:
+        payload = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidInputError(
+            f"--{field} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); "
+            "give rows like '[[0.1, 0.2], [0.3, 0.4]]' or a full OIP v2 request object",
+            field=field,
+        ) from None
+    if isinstance(payload, dict):
+        return payload
+    if not isinstance(payload, list) or not payload:
+        raise InvalidInputError(
+            f"--{field} must be a non-empty list of rows, e.g. '[[0.1, 0.2]]', or a full OIP v2 "
+            "request object",
+            field=field,
+        )
+    rows = payload if all(isinstance(r, list) for r in payload) else [payload]
+    widths = {len(r) for r in rows}
+    flat = [v for r in rows for v in r]
+    if 0 in widths or len(widths) != 1 or not all(_is_value(v) for v in flat):
+        raise InvalidInputError(
+            f"--{field} rows must be non-empty lists of equal length holding numbers, strings "
+            "or booleans, e.g. '[[0.1, 0.2], [0.3, 0.4]]'",
+            field=field,
+        )
+    return rows
+
+
+def _is_value(value: Any) -> bool:
+    return isinstance(value, (int, float, str, bool))
+
+
+# --- maintenance ------------------------------------------------------------------------------
+
+
+@app.command("gc")
+def gc_command(
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Delete nothing; report what would go.")
+    ] = False,
+    grace: Annotated[
+        str,
+        typer.Option(
+            help="Keep unreferenced blobs and temp files younger than this (e.g. 90s, 30m, 2h)."
+        ),
+    ] = f"{DEFAULT_GRACE_S / 3600:g}h",
+) -> None:
+    """Reclaim blobs that no version, artifact, model or job snapshot references (host only)."""
+    settings = Settings.from_env()
+    if settings.url:
+        raise InvalidInputError(
+            "garbage collection runs on the server host, against its home: unset SHIPYARD_URL "
+            "and run it there",
+            field="SHIPYARD_URL",
+        )
+    report = collect_garbage(
+        open_context(settings, actor="cli"), grace_s=_duration(grace), dry_run=dry_run
+    )
+    verb = "would remove" if report.dry_run else "removed"
+    console.print(
+        f"{verb} {report.swept} unreferenced blobs ({report.swept_bytes} bytes) and "
+        f"{report.temp_files} stale temp files ({report.temp_bytes} bytes); kept "
+        f"{report.scanned - report.swept} of {report.scanned} blobs "
+        f"({report.kept_recent} unreferenced but younger than {grace}, "
+        f"{report.kept_recent_bytes} bytes)",
+        highlight=False,
+    )
+
+
+def _duration(text: str) -> float:
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+    raw = text.strip().lower()
+    scale = units.get(raw[-1:])
+    number = raw[:-1] if scale is not None else raw
+    try:
+        value = float(number) * (scale or 1.0)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise InvalidInputError(
+            f"--grace {text!r} is not a duration: use seconds or a number with s, m, h or d "
+            "(e.g. 30m)",
+            field="grace",
+        )
+    return value
+
+
 # --- tokens -----------------------------------------------------------------------------------
+
+
+def _host_ctx(what: str) -> Any:
+    """The local admin's context on this host's home (users, projects, members and tokens are
+    managed on the server host; remotely, use /api/v1/users, /projects, /tokens)."""
+    settings = Settings.from_env()
+    if settings.url:
+        raise InvalidInputError(
+            f"{what} are managed on the server host, against its home: unset SHIPYARD_URL and "
+            "run this there (or use the REST API: /api/v1/tokens, /api/v1/users, /api/v1/projects)",
+            field="SHIPYARD_URL",
+        )
+    return open_context(settings, actor="cli")
 
 
 @token_app.command("create")
 def token_create(
     name: Annotated[str, typer.Argument(help="A name to tell the token apart.")],
+    user: Annotated[
+        str | None, typer.Option("--user", help="Whose token (default: the server admin 'admin').")
+    ] = None,
+    project: Annotated[str | None, typer.Option(help="Narrow it to this project.")] = None,
+    role: Annotated[str | None, typer.Option(help="Narrow it to viewer, editor or admin.")] = None,
+    expires: Annotated[
+        str | None, typer.Option(help="Lifetime: 90m, 12h, 30d, 8w (default: until revoked).")
+    ] = None,
 ) -> None:
     """Create an API token on this host's home; it is shown once and stored only as a hash."""
-    settings = Settings.from_env()
-    if settings.url:
-        raise InvalidInputError(
-            "tokens are created on the server host, against its home: unset "
-            "SHIPYARD_URL and run this there",
-            field="SHIPYARD_URL",
-        )
-    token, secret = create_token(open_context(settings, actor="cli"), name=name)
+    ctx = _host_ctx("tokens")
+    expires_at = None
+    if expires is not None:
+        expires_at = datetime.now(UTC) + parse_duration(expires, field="expires")
+    token, secret = create_token(
+        ctx, name=name, principal=user, project=project, role=role, expires_at=expires_at
+    )
     err.print(f"token {token.name} ({token.prefix}...) created; it will not be shown again:")
     console.print(secret)
+
+
+@token_app.command("list")
+def token_list(
+    user: Annotated[str | None, typer.Option("--user", help="Only this user's.")] = None,
+) -> None:
+    """Every token on this host's home: whose, narrowed to what, expiry, last use."""
+    # the id never wraps: it is what 'token revoke' takes
+    table = Table(
+        Column("id", no_wrap=True),
+        "name",
+        "prefix",
+        "user",
+        "project",
+        "role",
+        "expires",
+        "last used",
+        "revoked",
+    )
+    for t in list_tokens(_host_ctx("tokens"), principal=user):
+        table.add_row(
+            t.id,
+            t.name,
+            t.prefix + "...",
+            t.principal or "",
+            t.project or "*",
+            t.role or "*",
+            _ago(t.expires_at) if t.expires_at else "never",
+            _ago(t.last_used_at) if t.last_used_at else "never",
+            _ago(t.revoked_at) if t.revoked_at else "",
+        )
+    console.print(table)
+
+
+@token_app.command("revoke")
+def token_revoke(
+    token_id: Annotated[str, typer.Argument(help="The token's id (token list).")],
+) -> None:
+    """Revoke a token: it stops working at once."""
+    token = revoke_token(_host_ctx("tokens"), token_id=token_id)
+    console.print(f"token {token.name} ({token.prefix}...) revoked")
+
+
+@users_app.command("create")
+def users_create(
+    name: str,
+    service: Annotated[bool, typer.Option("--service", help="A service account.")] = False,
+    admin: Annotated[bool, typer.Option("--admin", help="A server admin.")] = False,
+) -> None:
+    """Create a user (or a service account)."""
+    info = sec_principals.create_principal(
+        _host_ctx("users"), name=name, kind="service" if service else "user", server_admin=admin
+    )
+    console.print(f"{info.kind.value} {info.name} created")
+
+
+@users_app.command("list")
+def users_list() -> None:
+    table = Table("name", "kind", "server admin", "disabled")
+    for p in sec_principals.list_principals(_host_ctx("users")):
+        admin, disabled = "yes" if p.server_admin else "", "yes" if p.disabled else ""
+        table.add_row(p.name, p.kind.value, admin, disabled)
+    console.print(table)
+
+
+@users_app.command("disable")
+def users_disable(name: str) -> None:
+    """Disable a user or service account: its tokens stop working at once."""
+    sec_principals.disable_principal(_host_ctx("users"), name=name)
+    console.print(f"{name} disabled")
+
+
+@projects_app.command("create")
+def projects_create(name: str) -> None:
+    sec_principals.create_project(_host_ctx("projects"), name=name)
+    console.print(f"project {name} created")
+
+
+@projects_app.command("list")
+def projects_list() -> None:
+    for p in sec_principals.list_projects(_host_ctx("projects")):
+        console.print(p.name)
+
+
+@members_app.command("add")
+def members_add(
+    project: str,
+    user: str,
+    role: Annotated[str, typer.Option(help="viewer, editor or admin.")] = "viewer",
+) -> None:
+    """Give USER ROLE in PROJECT (or change their role there)."""
+    m = sec_principals.set_member(_host_ctx("members"), project=project, principal=user, role=role)
+    console.print(f"{m.principal} is {m.role.value} of {m.project}")
+
+
+@members_app.command("remove")
+def members_remove(project: str, user: str) -> None:
+    sec_principals.remove_member(_host_ctx("members"), project=project, principal=user)
+    console.print(f"{user} removed from {project}")
+
+
+@members_app.command("list")
+def members_list(project: str) -> None:
+    table = Table("member", "kind", "role")
+    for m in sec_principals.list_members(_host_ctx("members"), project=project):
+        table.add_row(m.principal, m.kind.value, m.role.value)
+    console.print(table)
+
+
+# --- audit ------------------------------------------------------------------------------------
+
+
+@audit_app.command("list")
+def audit_list(
+    after: Annotated[int, typer.Option(min=0, help="Only events with a larger seq.")] = 0,
+    limit: Annotated[int, typer.Option(min=1, max=10_000, help="At most this many.")] = 100,
+) -> None:
+    """Audit events, oldest first (page on with --after the last seq shown)."""
+    table = Table("seq", "at", "actor", "action", "resource", "details")
+    for e in _client().backend.audit_events(after=after, limit=limit):
+        details = json.dumps(e.details, sort_keys=True, default=str)
+        table.add_row(str(e.seq), _ago(e.at), e.actor, e.action, e.resource, escape(details))
+    console.print(table)
+
+
+@audit_app.command("verify")
+def audit_verify() -> None:
+    """Check the audit chain against its key and head anchor; exit 1 naming the first bad seq."""
+    result = _client().backend.verify_audit()
+    if not result.ok:
+        raise IntegrityError(
+            f"the audit chain is broken at event {result.first_bad_seq}: {result.problem}",
+            field="audit",
+        )
+    legacy = f" ({result.legacy_through} from before the key)" if result.legacy_through else ""
+    console.print(f"audit chain ok: {result.events} events{legacy}, anchored at {result.head_seq}")
 
 
 def main() -> None:
     try:
         app()
     except ShipyardError as exc:
-        field = f" [{exc.field}]" if exc.field else ""
-        err.print(f"[red]error{escape(field)}:[/red] {escape(exc.message)}", highlight=False)
+        _print_error(exc)
         sys.exit(1)
+    except Exception as exc:
+        # A full or read-only disk (blob folder, database, job folder) is one clear line, not a
+        # traceback; so is any other OS error (a file that cannot be read, say).
+        clean = storage_fault(exc)
+        if clean is None and isinstance(exc, OSError):
+            where = f": {exc.filename}" if exc.filename else ""
+            clean = ShipyardError(f"{exc.strerror or exc}{where}", field="os")
+        if clean is None:
+            raise
+        _print_error(clean)
+        sys.exit(1)
+
+
+def _print_error(exc: ShipyardError) -> None:
+    field = f" [{exc.field}]" if exc.field else ""
+    # soft_wrap: one line however narrow the terminal (or 80 columns when piped), for scripts
+    err.print(
+        f"[red]error{escape(field)}:[/red] {escape(exc.message)}", highlight=False, soft_wrap=True
+    )
 
 
 if __name__ == "__main__":

@@ -3,18 +3,25 @@
 ``LocalBackend`` calls the services on the embedded home in-process; ``HttpBackend`` speaks the
 REST API to a server. Both return the same domain models and raise the same ``shipyard.errors``,
 so user code (and the CLI) cannot tell them apart; ``tests/client`` runs one scenario both ways.
+
+By-id methods (a run, a job, a blob, a lineage node) take ``project``: when given, the resource
+must belong to it, else ``NotFoundError`` as for a missing id. ``HttpBackend`` always names one
+(its own project when None: the REST paths are per project); ``LocalBackend`` checks only when
+given. ``Client`` always passes its project, so both backends answer alike.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from shipyard.domain.metrics import PointLike
 from shipyard.domain.models import (
     AliasEvent,
     Artifact,
     AuditEvent,
+    AuditVerification,
     Dataset,
     DatasetVersion,
     Deployment,
@@ -23,6 +30,7 @@ from shipyard.domain.models import (
     JobSpec,
     JobStatus,
     LineageEdge,
+    LogBatchResult,
     MetricPoint,
     ModelVersion,
     RegisteredModel,
@@ -58,7 +66,7 @@ class Backend(ABC):
     @abstractmethod
     def list_dataset_files(self, *, project: str, name: str, version: int) -> list[FileEntry]: ...
     @abstractmethod
-    def read_blob(self, digest: str) -> bytes: ...
+    def read_blob(self, digest: str, *, project: str | None = None) -> bytes: ...
 
     # runs
     @abstractmethod
@@ -72,7 +80,7 @@ class Backend(ABC):
         job_id: str | None = None,
     ) -> Run: ...
     @abstractmethod
-    def get_run(self, run_id: str) -> Run: ...
+    def get_run(self, run_id: str, *, project: str | None = None) -> Run: ...
     @abstractmethod
     def list_runs(self, *, project: str | None = None) -> list[Run]: ...
     @abstractmethod
@@ -80,16 +88,33 @@ class Backend(ABC):
         self,
         run_id: str,
         *,
-        metrics: list[MetricPoint],
+        metrics: Sequence[PointLike],
         params: dict[str, str] | None = None,
         tags: dict[str, str] | None = None,
-    ) -> int: ...
+        project: str | None = None,
+    ) -> LogBatchResult:
+        """Store a batch; a point that cannot be stored comes back in ``rejected``."""
+
     @abstractmethod
-    def finish_run(self, run_id: str, *, status: RunStatus = RunStatus.FINISHED) -> Run: ...
+    def heartbeat(self, run_id: str, *, project: str | None = None) -> None:
+        """A sign of life from the process logging to the run (revives a crashed run)."""
+
     @abstractmethod
-    def metric_history(self, run_id: str, *, key: str) -> list[MetricPoint]: ...
+    def finish_run(
+        self,
+        run_id: str,
+        *,
+        status: RunStatus = RunStatus.FINISHED,
+        project: str | None = None,
+    ) -> Run: ...
     @abstractmethod
-    def log_artifact(self, run_id: str, *, path: str, local_file: Path) -> Artifact: ...
+    def metric_history(
+        self, run_id: str, *, key: str, project: str | None = None
+    ) -> list[MetricPoint]: ...
+    @abstractmethod
+    def log_artifact(
+        self, run_id: str, *, path: str, local_file: Path, project: str | None = None
+    ) -> Artifact: ...
     @abstractmethod
     def add_run_input(self, run_id: str, *, project: str, dataset: str, version: int) -> None: ...
 
@@ -134,11 +159,13 @@ class Backend(ABC):
         self, *, project: str | None = None, status: JobStatus | None = None
     ) -> list[Job]: ...
     @abstractmethod
-    def get_job(self, job_id: str) -> Job: ...
+    def get_job(self, job_id: str, *, project: str | None = None) -> Job: ...
     @abstractmethod
-    def cancel_job(self, job_id: str) -> Job: ...
+    def cancel_job(self, job_id: str, *, project: str | None = None) -> Job: ...
     @abstractmethod
-    def read_logs(self, job_id: str, *, offset: int = 0) -> tuple[str, int, bool]: ...
+    def read_logs(
+        self, job_id: str, *, offset: int = 0, project: str | None = None
+    ) -> tuple[str, int, bool]: ...
 
     # deployments
     @abstractmethod
@@ -161,9 +188,11 @@ class Backend(ABC):
 
     # governance
     @abstractmethod
-    def lineage(self, *, kind: str, id: str) -> list[LineageEdge]: ...
+    def lineage(self, *, kind: str, id: str, project: str | None = None) -> list[LineageEdge]: ...
     @abstractmethod
     def audit_events(self, *, after: int = 0, limit: int = 100) -> list[AuditEvent]: ...
+    @abstractmethod
+    def verify_audit(self) -> AuditVerification: ...
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections; the default holds none."""

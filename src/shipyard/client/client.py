@@ -2,6 +2,10 @@
 
 ``Client()`` talks to ``SHIPYARD_URL`` when it is set and to the embedded home otherwise; pass
 ``backend=`` to choose explicitly (tests use this to run one scenario both ways).
+
+Every call is in one project: the ``project=`` it names, else the client's (``SHIPYARD_PROJECT``,
+else ``default``) - by-id calls too (``jobs.get(id)`` finds only a job of that project), so the
+embedded home and a server answer alike.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from shipyard.settings import Settings
 
 def backend_from_settings(settings: Settings) -> Backend:
     if settings.url:
-        return HttpBackend(settings.url, token=settings.token)
+        return HttpBackend(settings.url, token=settings.token, project=settings.project)
     return LocalBackend(open_context(settings))
 
 
@@ -124,7 +128,7 @@ class DatasetsClient(_Resource):
                 f"dataset {name!r} has no file {path!r}; it has: {', '.join(sorted(entries)[:10])}",
                 field="path",
             )
-        data = self._b.read_blob(entries[path].digest)
+        data = self._b.read_blob(entries[path].digest, project=self._project(project))
         if path.endswith(".parquet"):
             return pq.read_table(io.BytesIO(data))
         if path.endswith(".csv"):
@@ -134,10 +138,10 @@ class DatasetsClient(_Resource):
 
 class RunsClient(_Resource):
     def list(self, *, project: str | None = None) -> builtins.list[Run]:
-        return self._b.list_runs(project=project)
+        return self._b.list_runs(project=self._project(project))
 
-    def get(self, run_id: str) -> Run:
-        return self._b.get_run(run_id)
+    def get(self, run_id: str, *, project: str | None = None) -> Run:
+        return self._b.get_run(run_id, project=self._project(project))
 
 
 class ModelsClient(_Resource):
@@ -211,16 +215,18 @@ class JobsClient(_Resource):
     def list(
         self, *, project: str | None = None, status: JobStatus | None = None
     ) -> builtins.list[Job]:
-        return self._b.list_jobs(project=project, status=status)
+        return self._b.list_jobs(project=self._project(project), status=status)
 
-    def get(self, job_id: str) -> Job:
-        return self._b.get_job(job_id)
+    def get(self, job_id: str, *, project: str | None = None) -> Job:
+        return self._b.get_job(job_id, project=self._project(project))
 
-    def cancel(self, job_id: str) -> Job:
-        return self._b.cancel_job(job_id)
+    def cancel(self, job_id: str, *, project: str | None = None) -> Job:
+        return self._b.cancel_job(job_id, project=self._project(project))
 
-    def logs(self, job_id: str, *, offset: int = 0) -> tuple[str, int, bool]:
-        return self._b.read_logs(job_id, offset=offset)
+    def logs(
+        self, job_id: str, *, offset: int = 0, project: str | None = None
+    ) -> tuple[str, int, bool]:
+        return self._b.read_logs(job_id, offset=offset, project=self._project(project))
 
 
 class DeploymentsClient(_Resource):

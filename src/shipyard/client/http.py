@@ -1,5 +1,7 @@
 """The HTTP backend: the REST API of a shipyard server, over httpx.
 
+Every resource lives under its project (``/api/v1/projects/{project}/...``), by-id routes too; a
+call that names no project uses the backend's own (``SHIPYARD_PROJECT``, else ``default``).
 Blobs travel separately from metadata: a dataset commit hashes files locally, uploads only the
 blobs the server lacks (``HEAD`` first, so re-committing unchanged data sends nothing), then
 posts the manifest. Every response body is validated into the domain models, and every error
@@ -8,7 +10,10 @@ body is turned back into the exception the service raised.
 
 from __future__ import annotations
 
+import json
+import math
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -19,10 +24,12 @@ from shipyard.blobs import hash_bytes, hash_file
 from shipyard.client.backend import Backend, Progress
 from shipyard.compute.snapshot import snapshot_code
 from shipyard.data.datasets import source_files
+from shipyard.domain.metrics import PointLike
 from shipyard.domain.models import (
     AliasEvent,
     Artifact,
     AuditEvent,
+    AuditVerification,
     Dataset,
     DatasetVersion,
     Deployment,
@@ -31,6 +38,7 @@ from shipyard.domain.models import (
     JobSpec,
     JobStatus,
     LineageEdge,
+    LogBatchResult,
     MetricPoint,
     ModelVersion,
     RegisteredModel,
@@ -47,12 +55,12 @@ from shipyard.schemas import (
     FinishRunRequest,
     JobLogsResponse,
     LogArtifactRequest,
-    LogBatchRequest,
-    LogBatchResponse,
+    NewFile,
     RegisterModelVersionRequest,
     SetAliasRequest,
     SubmitJobRequest,
 )
+from shipyard.settings import DEFAULT_PROJECT
 
 M = TypeVar("M", bound=BaseModel)
 API = "/api/v1"
@@ -66,9 +74,11 @@ class HttpBackend(Backend):
         token: str | None = None,
         transport: httpx.BaseTransport | None = None,
         timeout: float = 120.0,
+        project: str = DEFAULT_PROJECT,
     ) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.url = url.rstrip("/")
+        self.project = validate_name(project, field="project")
         self._http = httpx.Client(
             base_url=self.url, headers=headers, transport=transport, timeout=timeout
         )
@@ -103,14 +113,19 @@ class HttpBackend(Backend):
         data = self._request("GET", path, params=_clean(params)).json()
         return TypeAdapter(list[model]).validate_python(data)  # type: ignore[valid-type]
 
-    def _put_blob(self, local: Path, digest: str | None = None) -> tuple[str, int]:
+    def _p(self, project: str | None) -> str:
+        """The URL prefix of ``project``'s resources (the backend's project when None)."""
+        return f"{API}/projects/{_seg(project or self.project, 'project')}"
+
+    def _put_blob(self, project: str, local: Path, digest: str | None = None) -> tuple[str, int]:
         digest = digest or hash_file(local)
         size = local.stat().st_size
-        if self._request("HEAD", f"{API}/blobs/{digest}").status_code != 200:
+        url = f"{self._p(project)}/blobs/{_seg(digest, 'digest')}"
+        if self._request("HEAD", url).status_code != 200:
             with open(local, "rb") as fh:
                 self._request(
                     "PUT",
-                    f"{API}/blobs/{digest}",
+                    url,
                     content=fh,
                     headers={"Content-Type": "application/octet-stream"},
                 )
@@ -130,27 +145,27 @@ class HttpBackend(Backend):
         validate_name(name, field="name")
         files = source_files(Path(source))
         total = sum(p.stat().st_size for _, p in files)
-        entries: list[FileEntry] = []
+        entries: list[NewFile] = []
         done = 0
         for rel, local in files:
-            digest, size = self._put_blob(local)
-            entries.append(FileEntry(path=rel, digest=digest, size=size))
+            digest, size = self._put_blob(project, local)
+            entries.append(_unchecked(NewFile, path=rel, digest=digest, size=size))
             done += size
             if progress:
                 progress(done, total, rel)
-        body = CommitDatasetRequest(project=project, files=entries, message=message)
+        body = _unchecked(CommitDatasetRequest, files=entries, message=message)
         return self._json(
             "POST",
-            f"{API}/datasets/{_seg(name)}/versions",
+            f"{self._p(project)}/datasets/{_seg(name)}/versions",
             DatasetVersion,
             json=body.model_dump(mode="json"),
         )
 
     def list_datasets(self, *, project: str) -> list[Dataset]:
-        return self._list(f"{API}/datasets", Dataset, project=project)
+        return self._list(f"{self._p(project)}/datasets", Dataset)
 
     def list_dataset_versions(self, *, project: str, name: str) -> list[DatasetVersion]:
-        return self._list(f"{API}/datasets/{_seg(name)}/versions", DatasetVersion, project=project)
+        return self._list(f"{self._p(project)}/datasets/{_seg(name)}/versions", DatasetVersion)
 
     def get_dataset_version(
         self, *, project: str, name: str, version: int | str | None = None
@@ -158,18 +173,19 @@ class HttpBackend(Backend):
         ref = "latest" if version is None else version
         return self._json(
             "GET",
-            f"{API}/datasets/{_seg(name)}/versions/{ref}",
+            f"{self._p(project)}/datasets/{_seg(name)}/versions/{_seg(ref, 'version')}",
             DatasetVersion,
-            params={"project": project},
         )
 
     def list_dataset_files(self, *, project: str, name: str, version: int) -> list[FileEntry]:
         return self._list(
-            f"{API}/datasets/{_seg(name)}/versions/{version}/files", FileEntry, project=project
+            f"{self._p(project)}/datasets/{_seg(name)}/versions/{_seg(version, 'version')}/files",
+            FileEntry,
         )
 
-    def read_blob(self, digest: str) -> bytes:
-        data = self._request("GET", f"{API}/blobs/{digest}").content
+    def read_blob(self, digest: str, *, project: str | None = None) -> bytes:
+        url = f"{self._p(project)}/blobs/{_seg(digest, 'digest')}"
+        data = self._request("GET", url).content
         if hash_bytes(data) != digest:
             raise IntegrityError(f"blob {digest} arrived corrupted; try again", digest=digest)
         return data
@@ -185,59 +201,85 @@ class HttpBackend(Backend):
         tags: dict[str, str] | None = None,
         job_id: str | None = None,
     ) -> Run:
-        body = CreateRunRequest(
-            project=project, name=name, params=params or {}, tags=tags or {}, job_id=job_id
+        body = _unchecked(
+            CreateRunRequest, name=name, params=params or {}, tags=tags or {}, job_id=job_id
         )
-        return self._json("POST", f"{API}/runs", Run, json=body.model_dump(mode="json"))
+        return self._json(
+            "POST", f"{self._p(project)}/runs", Run, json=body.model_dump(mode="json")
+        )
 
-    def get_run(self, run_id: str) -> Run:
-        return self._json("GET", f"{API}/runs/{_seg(run_id, 'run_id')}", Run)
+    def get_run(self, run_id: str, *, project: str | None = None) -> Run:
+        return self._json("GET", self._run(project, run_id), Run)
 
     def list_runs(self, *, project: str | None = None) -> list[Run]:
-        return self._list(f"{API}/runs", Run, project=project)
+        return self._list(f"{self._p(project)}/runs", Run)
+
+    def _run(self, project: str | None, run_id: str) -> str:
+        return f"{self._p(project)}/runs/{_seg(run_id, 'run_id')}"
 
     def log_batch(
         self,
         run_id: str,
         *,
-        metrics: list[MetricPoint],
+        metrics: Sequence[PointLike],
         params: dict[str, str] | None = None,
         tags: dict[str, str] | None = None,
-    ) -> int:
-        body = LogBatchRequest(metrics=metrics, params=params or {}, tags=tags or {})
+        project: str | None = None,
+    ) -> LogBatchResult:
+        # Encoded by hand, not through LogBatchRequest: it is the hot path, and JSON has no NaN
+        # (httpx refuses it), so non-finite values travel as "NaN", "Infinity", "-Infinity".
+        body = {
+            "metrics": [_wire_point(p) for p in metrics],
+            "params": params or {},
+            "tags": tags or {},
+        }
         return self._json(
             "POST",
-            f"{API}/runs/{_seg(run_id, 'run_id')}/log-batch",
-            LogBatchResponse,
-            json=body.model_dump(mode="json"),
-        ).stored
-
-    def finish_run(self, run_id: str, *, status: RunStatus = RunStatus.FINISHED) -> Run:
-        return self._json(
-            "PATCH",
-            f"{API}/runs/{_seg(run_id, 'run_id')}",
-            Run,
-            json=FinishRunRequest(status=status).model_dump(mode="json"),
+            f"{self._run(project, run_id)}/log-batch",
+            LogBatchResult,
+            content=json.dumps(body, allow_nan=False, separators=(",", ":")),
+            headers={"Content-Type": "application/json"},
         )
 
-    def metric_history(self, run_id: str, *, key: str) -> list[MetricPoint]:
-        return self._list(f"{API}/runs/{_seg(run_id, 'run_id')}/metrics", MetricPoint, key=key)
+    def heartbeat(self, run_id: str, *, project: str | None = None) -> None:
+        self._request("POST", f"{self._run(project, run_id)}/heartbeat")
 
-    def log_artifact(self, run_id: str, *, path: str, local_file: Path) -> Artifact:
+    def finish_run(
+        self,
+        run_id: str,
+        *,
+        status: RunStatus = RunStatus.FINISHED,
+        project: str | None = None,
+    ) -> Run:
+        return self._json(
+            "PATCH",
+            self._run(project, run_id),
+            Run,
+            json=_unchecked(FinishRunRequest, status=status).model_dump(mode="json"),
+        )
+
+    def metric_history(
+        self, run_id: str, *, key: str, project: str | None = None
+    ) -> list[MetricPoint]:
+        return self._list(f"{self._run(project, run_id)}/metrics", MetricPoint, key=key)
+
+    def log_artifact(
+        self, run_id: str, *, path: str, local_file: Path, project: str | None = None
+    ) -> Artifact:
         validate_relative_path(path, field="path")
-        digest, size = self._put_blob(Path(local_file))
-        body = LogArtifactRequest(path=path, digest=digest, size=size)
+        digest, size = self._put_blob(project or self.project, Path(local_file))
+        body = _unchecked(LogArtifactRequest, path=path, digest=digest, size=size)
         return self._json(
             "POST",
-            f"{API}/runs/{_seg(run_id, 'run_id')}/artifacts",
+            f"{self._run(project, run_id)}/artifacts",
             Artifact,
             json=body.model_dump(mode="json"),
         )
 
     def add_run_input(self, run_id: str, *, project: str, dataset: str, version: int) -> None:
-        body = AddRunInputRequest(project=project, dataset=dataset, version=version)
+        body = _unchecked(AddRunInputRequest, dataset=dataset, version=version)
         self._request(
-            "POST", f"{API}/runs/{_seg(run_id, 'run_id')}/inputs", json=body.model_dump(mode="json")
+            "POST", f"{self._run(project, run_id)}/inputs", json=body.model_dump(mode="json")
         )
 
     # --- models --------------------------------------------------------------------------------
@@ -251,12 +293,15 @@ class HttpBackend(Backend):
         artifact_path: str | None,
         description: str = "",
     ) -> ModelVersion:
-        body = RegisterModelVersionRequest(
-            project=project, run_id=run_id, artifact_path=artifact_path, description=description
+        body = _unchecked(
+            RegisterModelVersionRequest,
+            run_id=run_id,
+            artifact_path=artifact_path,
+            description=description,
         )
         return self._json(
             "POST",
-            f"{API}/models/{_seg(model, 'model')}/versions",
+            f"{self._p(project)}/models/{_seg(model, 'model')}/versions",
             ModelVersion,
             json=body.model_dump(mode="json"),
         )
@@ -266,33 +311,32 @@ class HttpBackend(Backend):
     ) -> ModelVersion:
         return self._json(
             "GET",
-            f"{API}/models/{_seg(model, 'model')}/versions/{ref}",
+            f"{self._p(project)}/models/{_seg(model, 'model')}/versions/{_seg(ref, 'ref')}",
             ModelVersion,
-            params={"project": project},
         )
 
     def list_models(self, *, project: str) -> list[RegisteredModel]:
-        return self._list(f"{API}/models", RegisteredModel, project=project)
+        return self._list(f"{self._p(project)}/models", RegisteredModel)
 
     def list_model_versions(self, *, project: str, model: str) -> list[ModelVersion]:
         return self._list(
-            f"{API}/models/{_seg(model, 'model')}/versions", ModelVersion, project=project
+            f"{self._p(project)}/models/{_seg(model, 'model')}/versions", ModelVersion
         )
 
     def set_alias(
         self, *, project: str, model: str, alias: str, version: int | str
     ) -> ModelVersion:
-        body = SetAliasRequest(project=project, version=version)
+        body = _unchecked(SetAliasRequest, version=version)
         return self._json(
             "PUT",
-            f"{API}/models/{_seg(model, 'model')}/aliases/{_seg(alias, 'alias')}",
+            f"{self._p(project)}/models/{_seg(model, 'model')}/aliases/{_seg(alias, 'alias')}",
             ModelVersion,
             json=body.model_dump(mode="json"),
         )
 
     def alias_history(self, *, project: str, model: str) -> list[AliasEvent]:
         return self._list(
-            f"{API}/models/{_seg(model, 'model')}/alias-history", AliasEvent, project=project
+            f"{self._p(project)}/models/{_seg(model, 'model')}/alias-history", AliasEvent
         )
 
     # --- jobs ----------------------------------------------------------------------------------
@@ -310,31 +354,36 @@ class HttpBackend(Backend):
             with tempfile.TemporaryDirectory() as tmp:
                 archive = Path(tmp) / "code.tar.gz"
                 archive.write_bytes(snapshot_code(Path(code_dir)))
-                code_digest, _ = self._put_blob(archive)
-        body = SubmitJobRequest(project=project, spec=spec, code_digest=code_digest, run_id=run_id)
-        return self._json("POST", f"{API}/jobs", Job, json=body.model_dump(mode="json"))
+                code_digest, _ = self._put_blob(project, archive)
+        body = _unchecked(SubmitJobRequest, spec=spec, code_digest=code_digest, run_id=run_id)
+        return self._json(
+            "POST", f"{self._p(project)}/jobs", Job, json=body.model_dump(mode="json")
+        )
 
     def list_jobs(
         self, *, project: str | None = None, status: JobStatus | None = None
     ) -> list[Job]:
-        return self._list(
-            f"{API}/jobs", Job, project=project, status=status.value if status else None
-        )
+        return self._list(f"{self._p(project)}/jobs", Job, status=status.value if status else None)
 
-    def get_job(self, job_id: str) -> Job:
-        return self._json("GET", f"{API}/jobs/{_seg(job_id, 'job_id')}", Job)
+    def get_job(self, job_id: str, *, project: str | None = None) -> Job:
+        return self._json("GET", self._job(project, job_id), Job)
 
-    def cancel_job(self, job_id: str) -> Job:
-        return self._json("POST", f"{API}/jobs/{_seg(job_id, 'job_id')}/cancel", Job)
+    def cancel_job(self, job_id: str, *, project: str | None = None) -> Job:
+        return self._json("POST", f"{self._job(project, job_id)}/cancel", Job)
 
-    def read_logs(self, job_id: str, *, offset: int = 0) -> tuple[str, int, bool]:
+    def read_logs(
+        self, job_id: str, *, offset: int = 0, project: str | None = None
+    ) -> tuple[str, int, bool]:
         logs = self._json(
             "GET",
-            f"{API}/jobs/{_seg(job_id, 'job_id')}/logs",
+            f"{self._job(project, job_id)}/logs",
             JobLogsResponse,
             params={"offset": offset},
         )
         return logs.data, logs.offset, logs.finished
+
+    def _job(self, project: str | None, job_id: str) -> str:
+        return f"{self._p(project)}/jobs/{_seg(job_id, 'job_id')}"
 
     # --- deployments ---------------------------------------------------------------------------
 
@@ -348,8 +397,8 @@ class HttpBackend(Backend):
         max_batch_size: int = 32,
         max_wait_ms: float = 5.0,
     ) -> Deployment:
-        body = CreateDeploymentRequest(
-            project=project,
+        body = _unchecked(
+            CreateDeploymentRequest,
             name=name,
             model=model,
             ref=ref,
@@ -357,29 +406,49 @@ class HttpBackend(Backend):
             max_wait_ms=max_wait_ms,
         )
         return self._json(
-            "POST", f"{API}/deployments", Deployment, json=body.model_dump(mode="json")
+            "POST", f"{self._p(project)}/deployments", Deployment, json=body.model_dump(mode="json")
         )
 
     def list_deployments(self, *, project: str) -> list[Deployment]:
-        return self._list(f"{API}/deployments", Deployment, project=project)
+        return self._list(f"{self._p(project)}/deployments", Deployment)
 
     def get_deployment(self, *, project: str, name: str) -> Deployment:
-        return self._json(
-            "GET", f"{API}/deployments/{_seg(name)}", Deployment, params={"project": project}
-        )
+        return self._json("GET", f"{self._p(project)}/deployments/{_seg(name)}", Deployment)
 
     def stop_deployment(self, *, project: str, name: str) -> Deployment:
-        return self._json(
-            "POST", f"{API}/deployments/{_seg(name)}/stop", Deployment, params={"project": project}
-        )
+        return self._json("POST", f"{self._p(project)}/deployments/{_seg(name)}/stop", Deployment)
 
     # --- governance ----------------------------------------------------------------------------
 
-    def lineage(self, *, kind: str, id: str) -> list[LineageEdge]:
-        return self._list(f"{API}/lineage/{_seg(kind, 'kind')}/{_seg(id, 'id')}", LineageEdge)
+    def lineage(self, *, kind: str, id: str, project: str | None = None) -> list[LineageEdge]:
+        return self._list(
+            f"{self._p(project)}/lineage/{_seg(kind, 'kind')}/{_seg(id, 'id')}", LineageEdge
+        )
 
     def audit_events(self, *, after: int = 0, limit: int = 100) -> list[AuditEvent]:
         return self._list(f"{API}/audit", AuditEvent, after=after, limit=limit)
+
+    def verify_audit(self) -> AuditVerification:
+        data = self._request("GET", f"{API}/audit/verify").json()
+        return AuditVerification.model_validate(data)
+
+
+def wire_float(value: float) -> float | str:
+    """A float as JSON can carry it: NaN and the infinities as the strings the server reads."""
+    if math.isfinite(value):
+        return value
+    return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+
+
+def _wire_point(p: PointLike) -> dict[str, Any]:
+    return {"key": p.key, "value": wire_float(p.value), "step": p.step, "timestamp": p.timestamp}
+
+
+def _unchecked(cls: type[M], /, **fields: Any) -> M:
+    """A request body built without validation: the server validates it, so an error is the
+    service's own (``InvalidInputError``/``UnsafePathError`` naming the field), exactly as the
+    embedded backend raises it - never a client-side pydantic error."""
+    return cls.model_construct(**fields)
 
 
 def _clean(params: dict[str, Any]) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from shipyard.client.backend import Backend, Progress
@@ -9,10 +10,12 @@ from shipyard.compute import jobs
 from shipyard.context import Context
 from shipyard.data import datasets
 from shipyard.data import lineage as lineage_service
+from shipyard.domain.metrics import PointLike
 from shipyard.domain.models import (
     AliasEvent,
     Artifact,
     AuditEvent,
+    AuditVerification,
     Dataset,
     DatasetVersion,
     Deployment,
@@ -21,6 +24,7 @@ from shipyard.domain.models import (
     JobSpec,
     JobStatus,
     LineageEdge,
+    LogBatchResult,
     MetricPoint,
     ModelVersion,
     RegisteredModel,
@@ -28,7 +32,9 @@ from shipyard.domain.models import (
     RunStatus,
 )
 from shipyard.domain.names import validate_relative_path
+from shipyard.domain.principals import Role
 from shipyard.security import audit
+from shipyard.security.blobrefs import authorize_blob
 from shipyard.serving import deployments
 from shipyard.tracking import registry, runs
 
@@ -70,7 +76,9 @@ class LocalBackend(Backend):
     def list_dataset_files(self, *, project: str, name: str, version: int) -> list[FileEntry]:
         return datasets.list_files(self.ctx, project=project, name=name, version=version)
 
-    def read_blob(self, digest: str) -> bytes:
+    def read_blob(self, digest: str, *, project: str | None = None) -> bytes:
+        if project is not None:  # the check the server makes on GET /projects/{project}/blobs
+            authorize_blob(self.ctx, project=project, digest=digest, need=Role.VIEWER)
         return self.ctx.blobs.get_bytes(digest)
 
     # runs
@@ -87,8 +95,8 @@ class LocalBackend(Backend):
             self.ctx, project=project, name=name, params=params, tags=tags, job_id=job_id
         )
 
-    def get_run(self, run_id: str) -> Run:
-        return runs.get_run(self.ctx, run_id=run_id)
+    def get_run(self, run_id: str, *, project: str | None = None) -> Run:
+        return runs.get_run(self.ctx, run_id=run_id, project=project)
 
     def list_runs(self, *, project: str | None = None) -> list[Run]:
         return runs.list_runs(self.ctx, project=project)
@@ -97,23 +105,44 @@ class LocalBackend(Backend):
         self,
         run_id: str,
         *,
-        metrics: list[MetricPoint],
+        metrics: Sequence[PointLike],
         params: dict[str, str] | None = None,
         tags: dict[str, str] | None = None,
-    ) -> int:
-        return runs.log_batch(self.ctx, run_id=run_id, metrics=metrics, params=params, tags=tags)
+        project: str | None = None,
+    ) -> LogBatchResult:
+        return runs.log_batch(
+            self.ctx, run_id=run_id, project=project, metrics=metrics, params=params, tags=tags
+        )
 
-    def finish_run(self, run_id: str, *, status: RunStatus = RunStatus.FINISHED) -> Run:
-        return runs.finish_run(self.ctx, run_id=run_id, status=status)
+    def heartbeat(self, run_id: str, *, project: str | None = None) -> None:
+        runs.heartbeat(self.ctx, run_id=run_id, project=project)
 
-    def metric_history(self, run_id: str, *, key: str) -> list[MetricPoint]:
-        return runs.metric_history(self.ctx, run_id=run_id, key=key)
+    def finish_run(
+        self,
+        run_id: str,
+        *,
+        status: RunStatus = RunStatus.FINISHED,
+        project: str | None = None,
+    ) -> Run:
+        return runs.finish_run(self.ctx, run_id=run_id, project=project, status=status)
 
-    def log_artifact(self, run_id: str, *, path: str, local_file: Path) -> Artifact:
+    def metric_history(
+        self, run_id: str, *, key: str, project: str | None = None
+    ) -> list[MetricPoint]:
+        return runs.metric_history(self.ctx, run_id=run_id, project=project, key=key)
+
+    def log_artifact(
+        self, run_id: str, *, path: str, local_file: Path, project: str | None = None
+    ) -> Artifact:
         validate_relative_path(path, field="path")
         stored = self.ctx.blobs.put_file(local_file)
         return runs.log_artifact(
-            self.ctx, run_id=run_id, path=path, digest=stored.digest, size=stored.size
+            self.ctx,
+            run_id=run_id,
+            project=project,
+            path=path,
+            digest=stored.digest,
+            size=stored.size,
         )
 
     def add_run_input(self, run_id: str, *, project: str, dataset: str, version: int) -> None:
@@ -177,14 +206,18 @@ class LocalBackend(Backend):
     ) -> list[Job]:
         return jobs.list_jobs(self.ctx, project=project, status=status)
 
-    def get_job(self, job_id: str) -> Job:
-        return jobs.get_job(self.ctx, job_id=job_id)
+    def get_job(self, job_id: str, *, project: str | None = None) -> Job:
+        return jobs.get_job(self.ctx, job_id=job_id, project=project)
 
-    def cancel_job(self, job_id: str) -> Job:
-        return jobs.cancel_job(self.ctx, job_id=job_id)
+    def cancel_job(self, job_id: str, *, project: str | None = None) -> Job:
+        return jobs.cancel_job(self.ctx, job_id=job_id, project=project)
 
-    def read_logs(self, job_id: str, *, offset: int = 0) -> tuple[str, int, bool]:
-        data, new_offset, finished = jobs.read_logs(self.ctx, job_id=job_id, offset=offset)
+    def read_logs(
+        self, job_id: str, *, offset: int = 0, project: str | None = None
+    ) -> tuple[str, int, bool]:
+        data, new_offset, finished = jobs.read_logs(
+            self.ctx, job_id=job_id, project=project, offset=offset
+        )
         return data.decode("utf-8", errors="replace"), new_offset, finished
 
     # deployments
@@ -218,8 +251,11 @@ class LocalBackend(Backend):
         return deployments.stop_deployment(self.ctx, project=project, name=name)
 
     # governance
-    def lineage(self, *, kind: str, id: str) -> list[LineageEdge]:
-        return lineage_service.lineage(self.ctx, kind=kind, id=id)
+    def lineage(self, *, kind: str, id: str, project: str | None = None) -> list[LineageEdge]:
+        return lineage_service.lineage(self.ctx, kind=kind, id=id, project=project)
 
     def audit_events(self, *, after: int = 0, limit: int = 100) -> list[AuditEvent]:
         return audit.list_audit_events(self.ctx, after=after, limit=limit)
+
+    def verify_audit(self) -> AuditVerification:
+        return audit.verify_audit_chain(self.ctx)

@@ -244,14 +244,19 @@ def read_split(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def follow_job(
-    client: Client, job_id: str, *, on_line: Callable[[str], None], timeout: float = 1800
+    client: Client,
+    job_id: str,
+    *,
+    on_line: Callable[[str], None],
+    timeout: float = 1800,
+    project: str | None = None,
 ) -> Job:
     """Stream a job's log lines until it finishes; returns the finished job."""
     offset = 0
     pending = ""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        data, offset, finished = client.jobs.logs(job_id, offset=offset)
+        data, offset, finished = client.jobs.logs(job_id, offset=offset, project=project)
         pending += data
         *lines, pending = pending.split("\n")
         for line in lines:
@@ -259,7 +264,7 @@ def follow_job(
         if finished:
             if pending:
                 on_line(pending)
-            return client.jobs.get(job_id)
+            return client.jobs.get(job_id, project=project)
         if not data:
             time.sleep(0.2)
     raise BackendError(f"job {job_id} did not finish within {timeout:.0f}s")
@@ -269,7 +274,7 @@ def describe_lineage(
     client: Client, dataset: DatasetVersion, run: Run, model: ModelVersion
 ) -> list[str]:
     lines = []
-    for edge in client.backend.lineage(kind="run", id=run.id):
+    for edge in client.backend.lineage(kind="run", id=run.id, project=run.project):
         lines.append(
             f"{edge.source_kind}:{edge.source_id} -[{edge.relation}]-> "
             f"{edge.target_kind}:{edge.target_id}"

@@ -14,7 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # JSON has no NaN or infinities; they travel as the strings "NaN", "Infinity", "-Infinity"
+    # (which pydantic reads back as floats), so a diverging loss survives the REST API.
+    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="strings")
 
 
 # --- data ---------------------------------------------------------------------------------------
@@ -88,13 +90,27 @@ class RunStatus(str, enum.Enum):
     FINISHED = "finished"
     FAILED = "failed"
     KILLED = "killed"
+    CRASHED = "crashed"  # its process stopped sending heartbeats; a heartbeat revives it
 
 
 class MetricPoint(Model):
     key: str
-    value: float
-    step: int = 0
+    value: float  # NaN and +-Infinity included
+    step: int = Field(default=0, ge=-(2**63), le=2**63 - 1)  # what the store's BIGINT holds
     timestamp: float
+
+
+class RejectedPoint(Model):
+    """A metric point a batch could not store (the rest of the batch was stored)."""
+
+    key: str
+    step: int | None
+    reason: str
+
+
+class LogBatchResult(Model):
+    stored: int
+    rejected: list[RejectedPoint] = Field(default_factory=list)
 
 
 class Artifact(Model):
@@ -115,6 +131,7 @@ class Run(Model):
     job_id: str | None
     created_at: datetime
     finished_at: datetime | None
+    heartbeat_at: datetime | None = None  # last sign of life from the SDK logging to it
 
 
 class ModelSignatureTensor(Model):
@@ -220,6 +237,9 @@ class Job(Model):
     started_at: datetime | None
     finished_at: datetime | None
     created_by: str
+    # How its resource limits were enforced, e.g. "cgroup v2: memory.max, cpu.max" or
+    # "rlimit: RLIMIT_AS 64 MB; affinity: 1 of 2 cpus"; empty until it has been launched.
+    enforcement: str = ""
 
 
 # --- serving ----------------------------------------------------------------------------------
@@ -270,9 +290,25 @@ class AuditEvent(Model):
     hash: str
 
 
+class AuditVerification(Model):
+    """What ``verify`` found: ``ok``, or the first bad seq and what is wrong with it."""
+
+    ok: bool
+    events: int  # events checked (up to the first bad one)
+    first_bad_seq: int | None = None
+    problem: str | None = None
+    head_seq: int | None = None  # the seq the head anchor names
+    legacy_through: int = 0  # events up to this seq predate the key (plain SHA-256)
+
+
 class Token(Model):
     id: str
     name: str
     prefix: str
     created_at: datetime
     last_used_at: datetime | None = None
+    principal: str | None = None  # the user or service account it acts as
+    project: str | None = None  # narrowed to this project
+    role: str | None = None  # narrowed to this role (viewer, editor, admin)
+    expires_at: datetime | None = None
+    revoked_at: datetime | None = None

@@ -11,16 +11,22 @@ wraps them in the guards, from the outside in:
 5. size     - bodies over the bound are refused (413) before or while they are read.
 
 It is also a uvicorn factory: ``uvicorn --factory shipyard.server.app:create_app`` reads settings
-and ``SHIPYARD_AUTH`` from the environment. While the app runs, a background thread calls the
-job scheduler's ``tick`` every second so queued jobs start and lost supervisors are noticed.
+and ``SHIPYARD_AUTH`` from the environment, and applies the same bind check as ``serve``: started
+by uvicorn on a non-loopback ``--host`` without auth, it refuses to start. With auth off, the app
+also refuses (403) any request that arrived on a non-loopback local address, whatever started
+it (another ASGI server, a wrapper that binds its own socket). While the app runs, a background
+thread calls the job scheduler's ``tick`` every second so queued jobs start and lost supervisors
+are noticed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -31,16 +37,17 @@ from typing import Any
 import uvicorn
 from fastapi import APIRouter, FastAPI, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from shipyard import __version__
 from shipyard.compute import jobs
 from shipyard.context import Context, open_context
-from shipyard.errors import InvalidInputError
+from shipyard.errors import InvalidInputError, PermissionDeniedError
 from shipyard.monitoring.metrics import MetricsMiddleware, ServerMetrics
 from shipyard.schemas import Health
 from shipyard.security.tokens import list_tokens
 from shipyard.server.auth import AuthMiddleware, auth_enabled
-from shipyard.server.errors import InternalErrorMiddleware, install_error_handlers
+from shipyard.server.errors import InternalErrorMiddleware, error_response, install_error_handlers
 from shipyard.server.guards import (
     DEFAULT_MAX_BLOB_BYTES,
     DEFAULT_MAX_BODY_BYTES,
@@ -48,18 +55,24 @@ from shipyard.server.guards import (
     MiB,
     PathGuardMiddleware,
 )
+from shipyard.server.openapi import ERROR_RESPONSES, install_exact_openapi
 from shipyard.server.routers import (
     audit,
     blobs,
     datasets,
     deployments,
     lineage,
+    members,
     models,
     pages,
+    projects,
     runs,
+    tokens,
+    users,
 )
 from shipyard.server.routers import jobs as jobs_router
 from shipyard.settings import Settings
+from shipyard.tracking.runs import mark_crashed_runs, run_grace_s
 
 log = logging.getLogger("shipyard.server")
 
@@ -70,6 +83,7 @@ SCHEDULER_ACTOR = "system:scheduler"
 ENV_MAX_BODY_MB = "SHIPYARD_MAX_BODY_MB"
 ENV_MAX_BLOB_MB = "SHIPYARD_MAX_BLOB_MB"
 STALE_UPLOAD_S = 24 * 3600
+STALE_TEMP_S = 3600.0  # the garbage collector's default grace period
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 API_ROUTERS: tuple[APIRouter, ...] = (
@@ -81,6 +95,10 @@ API_ROUTERS: tuple[APIRouter, ...] = (
     deployments.router,
     lineage.router,
     audit.router,
+    projects.router,
+    members.router,
+    users.router,
+    tokens.router,
 )
 
 
@@ -91,16 +109,28 @@ def create_app(
     max_body_bytes: int | None = None,
     max_blob_bytes: int | None = None,
     scheduler: bool = True,
+    host: str | None = None,
 ) -> FastAPI:
     """Build the server app on ``settings`` (default: from the environment).
+
+    ``host``: the address it will be served on, checked like ``serve`` does (a non-loopback one
+    needs auth); by default, the ``--host`` of the uvicorn that calls this as its factory.
 
     ``auth``: require API tokens (default: ``SHIPYARD_AUTH``). ``max_body_bytes`` bounds API
     request bodies (default 64 MiB, ``SHIPYARD_MAX_BODY_MB``), ``max_blob_bytes`` blob uploads
     (default 16 GiB, ``SHIPYARD_MAX_BLOB_MB``). ``scheduler=False`` leaves the background tick
     out (for tests that drive the scheduler themselves).
     """
-    settings = settings or Settings.from_env()
+    settings = with_server_url(settings or Settings.from_env())
     enabled = auth_enabled(auth)
+    if host is not None:
+        check_bind(host, auth=enabled)
+    elif (served_on := _uvicorn_host()) is not None:
+        try:
+            check_bind(served_on, auth=enabled)
+        except InvalidInputError as exc:  # uvicorn --factory: one line and out, like the CLI
+            log.error("shipyard server: error: %s", exc.message)
+            raise SystemExit(2) from None
     body_limit = _limit(max_body_bytes, ENV_MAX_BODY_MB, DEFAULT_MAX_BODY_BYTES)
     blob_limit = _limit(max_blob_bytes, ENV_MAX_BLOB_MB, DEFAULT_MAX_BLOB_BYTES)
     ctx = open_context(settings)
@@ -111,11 +141,13 @@ def create_app(
         version=__version__,
         summary="Self-hosted AI infrastructure: data, jobs, tracking, registry, serving.",
         lifespan=_lifespan(ctx, tick=jobs.tick if scheduler else None),
+        responses=ERROR_RESPONSES,  # every error has one JSON shape: documented on every route
     )
     app.state.ctx = ctx
     app.state.metrics = metrics
     app.state.auth = enabled
     install_error_handlers(app)
+    install_exact_openapi(app)
 
     for router in API_ROUTERS:
         app.include_router(router)
@@ -126,6 +158,8 @@ def create_app(
     # add_middleware wraps what is there: the last added is the outermost.
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=body_limit, max_blob_bytes=blob_limit)
     app.add_middleware(AuthMiddleware, ctx=ctx, enabled=enabled)
+    if not enabled:
+        app.add_middleware(LoopbackOnlyMiddleware)
     app.add_middleware(PathGuardMiddleware)
     app.add_middleware(InternalErrorMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
@@ -144,7 +178,8 @@ def serve(
     check_bind(host, auth=enabled)
     if not 0 <= port <= 65535:
         raise InvalidInputError(f"port {port} is not a TCP port (0-65535)", field="port")
-    app = create_app(settings, auth=enabled)
+    settings = with_server_url(settings or Settings.from_env(), host=host, port=port)
+    app = create_app(settings, auth=enabled, host=host)
     if not enabled:
         log.warning("auth is off: every caller acts as 'local'; this is only safe on loopback")
     elif not list_tokens(app.state.ctx):
@@ -153,6 +188,26 @@ def serve(
             "one on this host with 'shipyard token create NAME'"
         )
     uvicorn.run(app, host=host, port=port, log_level="info", server_header=False)
+
+
+def with_server_url(
+    settings: Settings, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT
+) -> Settings:
+    """``settings`` with the URL this server's jobs reach it on (kept when already set, e.g. by
+    ``SHIPYARD_SERVER_URL`` behind a proxy), and its home made private to the server's user:
+    jobs it launches are somebody else's code (``compute.sandbox``)."""
+    with contextlib.suppress(OSError):
+        settings.home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if settings.home.stat().st_uid == os.geteuid():
+            os.chmod(settings.home, 0o700)
+    if settings.server_url is not None:
+        return settings
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    shown = f"[{host.strip('[]')}]" if ":" in host else host
+    return dataclasses.replace(settings, server_url=f"http://{shown}:{port}")
 
 
 def check_bind(host: str, *, auth: bool) -> None:
@@ -165,6 +220,55 @@ def check_bind(host: str, *, auth: bool) -> None:
         "('shipyard token create NAME'), or bind 127.0.0.1",
         field="host",
     )
+
+
+class LoopbackOnlyMiddleware:
+    """With auth off: refuse (403) a request that arrived on a non-loopback local address.
+
+    ``scope["server"]`` is the address the connection was accepted on, so a server bound to
+    ``0.0.0.0`` without auth still answers 127.0.0.1 and refuses everyone else. Addresses that are
+    not IP addresses (a Unix socket path, an in-process test transport) are let through.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        server = scope.get("server") if scope["type"] in ("http", "websocket") else None
+        local = str(server[0]) if server else ""
+        if local and _is_ip(local) and not is_loopback(local):
+            refused = PermissionDeniedError(
+                f"this server runs without auth, so it only answers on loopback, and this "
+                f"request arrived on {local}; its operator must turn auth on (--auth) to serve "
+                "other addresses",
+                field="host",
+            )
+            await error_response(refused)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+def _uvicorn_host() -> str | None:
+    """The ``--host`` of the uvicorn calling this as its app factory (``uvicorn --factory``),
+    read off its ``Config`` in the call stack; None when not called that way. A Unix socket or an
+    inherited file descriptor is not a TCP bind: the per-request check covers those."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, uvicorn.Config):
+            if candidate.uds or candidate.fd is not None:
+                return None
+            return str(candidate.host)
+        frame = frame.f_back  # type: ignore[assignment]
+    return None
 
 
 def is_loopback(host: str) -> bool:
@@ -198,12 +302,23 @@ def _lifespan(ctx: Context, *, tick: Callable[[Context], Any] | None) -> Any:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         _sweep_uploads(ctx)
+        ctx.blobs.sweep_temp(older_than_s=STALE_TEMP_S)  # left by writers killed mid-write
         ticker = _Ticker(tick, ctx.as_actor(SCHEDULER_ACTOR)) if tick is not None else None
         if ticker is not None:
             ticker.start()
+        # runs whose process stopped sending heartbeats are marked crashed after the grace
+        sweeper = _Ticker(
+            mark_crashed_runs,
+            ctx,
+            interval=min(10.0, run_grace_s(ctx) / 4),
+            name="shipyard-heartbeat-sweep",
+            what="the sweep of runs without heartbeats",
+        )
+        sweeper.start()
         try:
             yield
         finally:
+            sweeper.stop()
             if ticker is not None:
                 ticker.stop()
 
@@ -217,13 +332,19 @@ class _Ticker:
     """
 
     def __init__(
-        self, fn: Callable[[Context], Any], ctx: Context, interval: float = TICK_INTERVAL_S
+        self,
+        fn: Callable[[Context], Any],
+        ctx: Context,
+        interval: float = TICK_INTERVAL_S,
+        name: str = "shipyard-scheduler",
+        what: str = "scheduler tick",
     ) -> None:
         self.fn = fn
+        self.what = what
         self.ctx = ctx
         self.interval = interval
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="shipyard-scheduler", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -237,7 +358,7 @@ class _Ticker:
             try:
                 self.fn(self.ctx)
             except Exception:
-                log.exception("scheduler tick failed; trying again in %ss", self.interval)
+                log.exception("%s failed; trying again in %ss", self.what, self.interval)
             self._stop.wait(self.interval)
 
 

@@ -2,24 +2,29 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import Depends, Query, Request
+from fastapi import Depends, Path, Query, Request
 
 from shipyard.context import Context
+from shipyard.domain.principals import Principal
 from shipyard.errors import AuthenticationError
+from shipyard.schemas import NAME_RULE
 from shipyard.settings import DEFAULT_PROJECT
 
 API_PREFIX = "/api/v1"
+# Every resource route lives under its project: a by-id route of another project is a 404.
+PROJECT_PREFIX = f"{API_PREFIX}/projects/{{project}}"
 
 
 def get_ctx(request: Request) -> Context:
-    """The service context for this request, acting as the caller that ``AuthMiddleware`` found."""
+    """The service context for this request, acting as the principal ``AuthMiddleware`` found
+    (with auth off, the local user: server admin, as ``local``)."""
     ctx: Context = request.app.state.ctx
-    actor = getattr(request.state, "actor", None)
-    if not actor:  # only when AuthMiddleware did not run: fail closed
+    principal = getattr(request.state, "principal", None)
+    if not isinstance(principal, Principal):  # only when AuthMiddleware did not run: fail closed
         raise AuthenticationError("this request was not authenticated")
-    return ctx.as_actor(actor)
+    return ctx.as_principal(principal)
 
 
 Ctx = Annotated[Context, Depends(get_ctx)]
@@ -28,4 +33,23 @@ OptionalProject = Annotated[
     str | None, Query(description="The project (a name); all projects when left out.")
 ]
 
-__all__ = ["API_PREFIX", "DEFAULT_PROJECT", "Ctx", "OptionalProject", "Project", "get_ctx"]
+
+def name_path(description: str) -> Any:
+    """A path segment that is a name (or an id). The name rule is published in the OpenAPI; the
+    services enforce it (``validate_name``), with their own error naming the field."""
+    return Path(description=description, json_schema_extra=NAME_RULE)
+
+
+ProjectPath = Annotated[str, name_path("The project (a name) the resource belongs to.")]
+
+__all__ = [
+    "API_PREFIX",
+    "DEFAULT_PROJECT",
+    "PROJECT_PREFIX",
+    "Ctx",
+    "OptionalProject",
+    "Project",
+    "ProjectPath",
+    "get_ctx",
+    "name_path",
+]

@@ -6,6 +6,8 @@ API's JSON error shape.
 
 from __future__ import annotations
 
+import re
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shipyard.errors import PayloadTooLargeError, UnsafePathError
@@ -15,7 +17,8 @@ from shipyard.server.errors import error_response
 MiB = 1024 * 1024
 DEFAULT_MAX_BODY_BYTES = 64 * MiB
 DEFAULT_MAX_BLOB_BYTES = 16 * 1024 * MiB
-BLOB_ROUTE_PREFIX = f"{API_PREFIX}/blobs/"
+# PUT /api/v1/projects/{project}/blobs/{digest}: the one route whose body may be a blob.
+BLOB_ROUTE_RE = re.compile(rf"^{re.escape(API_PREFIX)}/projects/[^/]+/blobs/[^/]+$")
 
 # Encoded separators and NUL in the raw path: the router would see a different path than a
 # proxy or a log does, which is how traversal fixes get bypassed.
@@ -78,7 +81,7 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        is_blob = scope["method"] == "PUT" and scope["path"].startswith(BLOB_ROUTE_PREFIX)
+        is_blob = scope["method"] == "PUT" and bool(BLOB_ROUTE_RE.match(scope["path"]))
         limit = self.max_blob_bytes if is_blob else self.max_body_bytes
         what = "a blob upload" if is_blob else "an API request body (upload files as blobs)"
 

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 from shipyard.context import Context, new_id
 from shipyard.domain.models import Deployment, DeploymentStatus, ModelVersion
 from shipyard.domain.names import validate_name
+from shipyard.domain.principals import Role
 from shipyard.errors import (
     BackendError,
     ConflictError,
@@ -31,6 +32,7 @@ from shipyard.errors import (
     ShipyardError,
 )
 from shipyard.security import audit
+from shipyard.security.rbac import authorize
 from shipyard.serving import launcher
 from shipyard.serving.launcher import ReplicaProcess, start_replica
 from shipyard.store.engine import lock
@@ -76,6 +78,7 @@ def deploy(
     """
     validate_name(name, field="name")
     validate_name(model, field="model")
+    authorize(ctx, project=project, need=Role.EDITOR)
     ref = str(ref)
     if not ref:
         raise InvalidInputError("ref must be an alias or a version number", field="ref")
@@ -197,6 +200,7 @@ def deploy(
 
 def list_deployments(ctx: Context, *, project: str) -> list[Deployment]:
     """Every deployment of ``project``, by name; a vanished replica shows as FAILED."""
+    authorize(ctx, project=project, need=Role.VIEWER)
     launcher.reap_exited()
     with ctx.db.read() as s:
         pid = project_id(s, project, create=False)
@@ -212,6 +216,7 @@ def list_deployments(ctx: Context, *, project: str) -> list[Deployment]:
 def get_deployment(ctx: Context, *, project: str, name: str) -> Deployment:
     """One deployment; RUNNING whose replica has exited is reported FAILED ("replica exited")."""
     validate_name(name, field="name")
+    authorize(ctx, project=project, need=Role.VIEWER)
     with ctx.db.read() as s:
         row = _require(s, project, name)
         models = _model_names(s, {row.model_id})
@@ -224,6 +229,7 @@ def stop_deployment(ctx: Context, *, project: str, name: str) -> Deployment:
     Raises InvalidStateError when the deployment is already stopped.
     """
     validate_name(name, field="name")
+    authorize(ctx, project=project, need=Role.EDITOR)
     with ctx.db.read() as s:
         row = _require(s, project, name)
         if row.status == DeploymentStatus.STOPPED.value:
@@ -286,7 +292,7 @@ def _refuse_if_active(row: DeploymentRow, *, alive: bool, project: str) -> None:
         raise ConflictError(
             f"deployment {row.name!r} is already running at {row.url} (pid {row.pid}); stop it "
             f"first (`shipyard endpoints stop {row.name} --project {project}`, or POST "
-            f"/api/v1/deployments/{row.name}/stop) or pick another name",
+            f"/api/v1/projects/{project}/deployments/{row.name}/stop) or pick another name",
             field="name",
         )
     if row.status == DeploymentStatus.STARTING.value:

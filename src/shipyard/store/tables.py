@@ -5,6 +5,7 @@ Each row that has a domain twin converts with ``to_domain()`` at the service bou
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime
 from typing import Any
 
@@ -13,12 +14,14 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Dialect,
     Float,
     ForeignKey,
     Index,
     Integer,
     String,
     Text,
+    TypeDecorator,
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -43,6 +46,21 @@ class Base(DeclarativeBase):
 
 
 Timestamp = DateTime(timezone=True)
+
+
+class MetricValue(TypeDecorator[float]):
+    """A float column that keeps NaN: SQLite stores NaN as NULL (and a NOT NULL column refuses
+    it), so NaN is written as NULL on every database and NULL read back as NaN. Infinities are
+    stored as they are."""
+
+    impl = Float
+    cache_ok = True
+
+    def process_bind_param(self, value: float | None, dialect: Dialect) -> float | None:
+        return None if value is None or math.isnan(value) else value
+
+    def process_result_value(self, value: float | None, dialect: Dialect) -> float:
+        return math.nan if value is None else value
 
 
 class ProjectRow(Base):
@@ -80,6 +98,7 @@ class DatasetVersionRow(Base):
 
 class RunRow(Base):
     __tablename__ = "runs"
+    __table_args__ = (Index("ix_runs_status", "status"),)
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"))
     name: Mapped[str] = mapped_column(String(256))
@@ -89,6 +108,7 @@ class RunRow(Base):
     job_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
 
 
 class MetricRow(Base):
@@ -97,7 +117,7 @@ class MetricRow(Base):
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"))
     key: Mapped[str] = mapped_column(String(256))
-    value: Mapped[float] = mapped_column(Float)
+    value: Mapped[float] = mapped_column(MetricValue, nullable=True)  # NULL is NaN
     step: Mapped[int] = mapped_column(BigInteger)
     timestamp: Mapped[float] = mapped_column(Float)
 
@@ -181,6 +201,8 @@ class JobRow(Base):
     started_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
     created_by: Mapped[str] = mapped_column(String(128))
+    # How the job's memory and CPU limits were enforced (set by its supervisor at launch).
+    enforcement: Mapped[str | None] = mapped_column(String(256), nullable=True)
 
 
 class DeploymentRow(Base):
@@ -236,6 +258,45 @@ class TokenRow(Base):
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
     last_used_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+    # the principal the token acts as, and what it narrows it to (None: the principal's all)
+    principal_id: Mapped[str | None] = mapped_column(
+        ForeignKey("principals.id"), nullable=True, index=True
+    )
+    project: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    role: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    expires_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+
+
+class PrincipalRow(Base):
+    """A user, a service account, or the principal of one job (``job_id``, its ``run_id``)."""
+
+    __tablename__ = "principals"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    server_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    job_id: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
+    run_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+    disabled_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+
+
+class BlobRefRow(Base):
+    """A project's claim on a blob: it may read blobs it uploaded or that its records name."""
+
+    __tablename__ = "blob_refs"
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"), primary_key=True)
+    digest: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+
+
+class ProjectMemberRow(Base):
+    __tablename__ = "project_members"
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"), primary_key=True)
+    principal_id: Mapped[str] = mapped_column(ForeignKey("principals.id"), primary_key=True)
+    role: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
 
 
 class LockRow(Base):

@@ -1,4 +1,4 @@
-"""Blobs: content-addressed bytes (``HEAD``/``GET``/``PUT /blobs/{digest}``).
+"""Blobs: content-addressed bytes (``HEAD``/``GET``/``PUT /projects/{project}/blobs/{digest}``).
 
 Uploads are verified: the body is streamed to a temp file while being hashed, and stored only
 when its BLAKE3 digest equals the one in the URL; otherwise nothing is stored and the caller gets
@@ -10,18 +10,26 @@ bad is never delivered whole: the response is cut short of its Content-Length.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Annotated
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Path, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from shipyard.blobs.store import check_digest
-from shipyard.server.deps import API_PREFIX, Ctx
+from shipyard.domain.principals import Role
+from shipyard.schemas import DIGEST_RULE, ErrorBody, Size
+from shipyard.security import audit
+from shipyard.security.blobrefs import authorize_blob, note_upload
+from shipyard.server.deps import PROJECT_PREFIX, Ctx, ProjectPath
 from shipyard.server.errors import DigestMismatchError
 from shipyard.server.uploads import receive_to_temp
 
-router = APIRouter(prefix=f"{API_PREFIX}/blobs", tags=["blobs"])
+router = APIRouter(
+    prefix=f"{PROJECT_PREFIX}/blobs",
+    tags=["blobs"],
+)
 
 UPLOADS_DIR = "uploads"
 
@@ -33,14 +41,19 @@ _RAW_BODY = {
 }
 
 
+# The digest rule is published in the OpenAPI; ``check_digest`` (in the store) enforces it.
+DigestPath = Annotated[str, Path(description="The blob's digest.", json_schema_extra=DIGEST_RULE)]
+
+
 class BlobInfo(BaseModel):
     digest: str
-    size: int
+    size: Size
     created: bool
 
 
 @router.head("/{digest}", responses={404: {"description": "Not stored"}})
-def head_blob(digest: str, ctx: Ctx) -> Response:
+def head_blob(project: ProjectPath, digest: DigestPath, ctx: Ctx) -> Response:
+    authorize_blob(ctx, project=project, digest=digest, need=Role.VIEWER)
     size = ctx.blobs.size(digest)
     return Response(headers={"Content-Length": str(size), "ETag": f'"{digest}"'})
 
@@ -50,7 +63,8 @@ def head_blob(digest: str, ctx: Ctx) -> Response:
     response_class=StreamingResponse,
     responses={200: {"content": {"application/octet-stream": {}}}},
 )
-def get_blob(digest: str, ctx: Ctx) -> StreamingResponse:
+def get_blob(project: ProjectPath, digest: DigestPath, ctx: Ctx) -> StreamingResponse:
+    authorize_blob(ctx, project=project, digest=digest, need=Role.VIEWER)
     size = ctx.blobs.size(digest)  # a clean 404 before the response starts
     return StreamingResponse(
         _one_chunk_late(ctx.blobs.iter_chunks(digest)),
@@ -59,9 +73,20 @@ def get_blob(digest: str, ctx: Ctx) -> StreamingResponse:
     )
 
 
-@router.put("/{digest}", openapi_extra=_RAW_BODY, status_code=201)
-async def put_blob(digest: str, request: Request, response: Response, ctx: Ctx) -> BlobInfo:
+@router.put(
+    "/{digest}",
+    openapi_extra=_RAW_BODY,
+    status_code=201,
+    responses={
+        200: {"model": BlobInfo, "description": "Already stored"},
+        413: {"model": ErrorBody},
+    },
+)
+async def put_blob(
+    project: ProjectPath, digest: DigestPath, request: Request, response: Response, ctx: Ctx
+) -> BlobInfo:
     check_digest(digest)
+    await run_in_threadpool(authorize_blob, ctx, project=project, digest=digest, need=Role.EDITOR)
     async with receive_to_temp(request, folder=ctx.settings.home / UPLOADS_DIR) as got:
         if got.digest != digest:
             raise DigestMismatchError(
@@ -72,6 +97,14 @@ async def put_blob(digest: str, request: Request, response: Response, ctx: Ctx) 
                 actual=got.digest,
             )
         put = await run_in_threadpool(ctx.blobs.put_file, got.path)
+    await run_in_threadpool(note_upload, ctx, project=project, digest=put.digest)
+    await run_in_threadpool(
+        audit.record_event,
+        ctx,
+        action="blob.upload",
+        resource=f"project/{project}/blob/{put.digest}",
+        details={"size": put.size, "created": put.created},
+    )
     if not put.created:
         response.status_code = 200
     return BlobInfo(digest=put.digest, size=put.size, created=put.created)

@@ -1,53 +1,63 @@
-"""Datasets (``/datasets``): thin HTTP over ``shipyard.data.datasets``.
+"""Datasets (``/projects/{project}/datasets``): thin HTTP over ``shipyard.data.datasets``.
 
-A remote commit is two steps: the client uploads the files' blobs (``PUT /blobs/{digest}``, only
-those the server lacks), then posts the manifest here; the service checks every path and that
-every digest names a stored blob of the stated size before it writes anything.
+A remote commit is two steps: the client uploads the files' blobs
+(``PUT /projects/{project}/blobs/{digest}``, only those the server lacks), then posts the manifest
+here; the service checks every path and that every digest names a stored blob of the stated size
+before it writes anything.
 """
 
 from __future__ import annotations
+
+from typing import Annotated
 
 from fastapi import APIRouter
 
 from shipyard.data import datasets
 from shipyard.domain.models import Dataset, DatasetVersion, FileEntry
-from shipyard.schemas import CommitDatasetRequest
-from shipyard.server.deps import API_PREFIX, DEFAULT_PROJECT, Ctx, Project
+from shipyard.schemas import CommitDatasetRequest, ErrorBody
+from shipyard.server.deps import PROJECT_PREFIX, Ctx, ProjectPath, name_path
 
-router = APIRouter(prefix=f"{API_PREFIX}/datasets", tags=["datasets"])
+router = APIRouter(
+    prefix=f"{PROJECT_PREFIX}/datasets",
+    tags=["datasets"],
+)
+
+DatasetName = Annotated[str, name_path("The dataset (a name).")]
+VersionRef = Annotated[str, name_path("A version number, 'vN' or 'latest'.")]
 
 
 @router.get("")
-def list_datasets(ctx: Ctx, project: Project = DEFAULT_PROJECT) -> list[Dataset]:
+def list_datasets(project: ProjectPath, ctx: Ctx) -> list[Dataset]:
     return datasets.list_datasets(ctx, project=project)
 
 
 @router.get("/{name}")
-def get_dataset(name: str, ctx: Ctx, project: Project = DEFAULT_PROJECT) -> Dataset:
+def get_dataset(project: ProjectPath, name: DatasetName, ctx: Ctx) -> Dataset:
     return datasets.get_dataset(ctx, project=project, name=name)
 
 
-@router.post("/{name}/versions", status_code=201)
-def commit_files(name: str, body: CommitDatasetRequest, ctx: Ctx) -> DatasetVersion:
-    return datasets.commit_files(
-        ctx, project=body.project, name=name, files=body.files, message=body.message
-    )
+@router.post("/{name}/versions", status_code=201, responses={409: {"model": ErrorBody}})
+def commit_files(
+    project: ProjectPath, name: DatasetName, body: CommitDatasetRequest, ctx: Ctx
+) -> DatasetVersion:
+    files = [FileEntry(path=f.path, digest=f.digest, size=f.size) for f in body.files]
+    return datasets.commit_files(ctx, project=project, name=name, files=files, message=body.message)
 
 
 @router.get("/{name}/versions")
-def list_versions(name: str, ctx: Ctx, project: Project = DEFAULT_PROJECT) -> list[DatasetVersion]:
+def list_versions(project: ProjectPath, name: DatasetName, ctx: Ctx) -> list[DatasetVersion]:
     return datasets.list_versions(ctx, project=project, name=name)
 
 
 @router.get("/{name}/versions/{version}")
 def get_version(
-    name: str, version: str, ctx: Ctx, project: Project = DEFAULT_PROJECT
+    project: ProjectPath, name: DatasetName, version: VersionRef, ctx: Ctx
 ) -> DatasetVersion:
     return datasets.get_version(ctx, project=project, name=name, version=version)
 
 
 @router.get("/{name}/versions/{version}/files")
 def list_files(
-    name: str, version: str, ctx: Ctx, project: Project = DEFAULT_PROJECT
+    project: ProjectPath, name: DatasetName, version: VersionRef, ctx: Ctx
 ) -> list[FileEntry]:
     return datasets.list_files(ctx, project=project, name=name, version=version)

@@ -1,22 +1,30 @@
-"""Deployments (``/deployments``): thin HTTP over ``shipyard.serving.deployments``."""
+"""Deployments (``/projects/{project}/deployments``): thin HTTP over
+``shipyard.serving.deployments``."""
 
 from __future__ import annotations
+
+from typing import Annotated
 
 from fastapi import APIRouter
 
 from shipyard.domain.models import Deployment
-from shipyard.schemas import CreateDeploymentRequest
-from shipyard.server.deps import API_PREFIX, DEFAULT_PROJECT, Ctx, Project
+from shipyard.schemas import CreateDeploymentRequest, ErrorBody
+from shipyard.server.deps import PROJECT_PREFIX, Ctx, ProjectPath, name_path
 from shipyard.serving import deployments
 
-router = APIRouter(prefix=f"{API_PREFIX}/deployments", tags=["deployments"])
+router = APIRouter(
+    prefix=f"{PROJECT_PREFIX}/deployments",
+    tags=["deployments"],
+)
+
+DeploymentName = Annotated[str, name_path("The deployment (a name).")]
 
 
-@router.post("", status_code=201)
-def deploy(body: CreateDeploymentRequest, ctx: Ctx) -> Deployment:
+@router.post("", status_code=201, responses={409: {"model": ErrorBody}})
+def deploy(project: ProjectPath, body: CreateDeploymentRequest, ctx: Ctx) -> Deployment:
     return deployments.deploy(
         ctx,
-        project=body.project,
+        project=project,
         name=body.name,
         model=body.model,
         ref=body.ref,
@@ -26,15 +34,15 @@ def deploy(body: CreateDeploymentRequest, ctx: Ctx) -> Deployment:
 
 
 @router.get("")
-def list_deployments(ctx: Ctx, project: Project = DEFAULT_PROJECT) -> list[Deployment]:
+def list_deployments(project: ProjectPath, ctx: Ctx) -> list[Deployment]:
     return deployments.list_deployments(ctx, project=project)
 
 
 @router.get("/{name}")
-def get_deployment(name: str, ctx: Ctx, project: Project = DEFAULT_PROJECT) -> Deployment:
+def get_deployment(project: ProjectPath, name: DeploymentName, ctx: Ctx) -> Deployment:
     return deployments.get_deployment(ctx, project=project, name=name)
 
 
-@router.post("/{name}/stop")
-def stop_deployment(name: str, ctx: Ctx, project: Project = DEFAULT_PROJECT) -> Deployment:
+@router.post("/{name}/stop", responses={409: {"model": ErrorBody}})
+def stop_deployment(project: ProjectPath, name: DeploymentName, ctx: Ctx) -> Deployment:
     return deployments.stop_deployment(ctx, project=project, name=name)

@@ -1,4 +1,7 @@
-"""Runs (``/runs``): thin HTTP over ``shipyard.tracking.runs``."""
+"""Runs (``/projects/{project}/runs``): thin HTTP over ``shipyard.tracking.runs``.
+
+By-id routes carry the project too: a run of another project is a 404, like a missing one.
+"""
 
 from __future__ import annotations
 
@@ -10,22 +13,28 @@ from shipyard.domain.models import Artifact, MetricPoint, Run
 from shipyard.schemas import (
     AddRunInputRequest,
     CreateRunRequest,
+    ErrorBody,
     FinishRunRequest,
     LogArtifactRequest,
     LogBatchRequest,
     LogBatchResponse,
 )
-from shipyard.server.deps import API_PREFIX, Ctx, OptionalProject
+from shipyard.server.deps import PROJECT_PREFIX, Ctx, ProjectPath, name_path
 from shipyard.tracking import runs
 
-router = APIRouter(prefix=f"{API_PREFIX}/runs", tags=["runs"])
+router = APIRouter(
+    prefix=f"{PROJECT_PREFIX}/runs",
+    tags=["runs"],
+)
+
+RunId = Annotated[str, name_path("The run's id.")]
 
 
 @router.post("", status_code=201)
-def create_run(body: CreateRunRequest, ctx: Ctx) -> Run:
+def create_run(project: ProjectPath, body: CreateRunRequest, ctx: Ctx) -> Run:
     return runs.create_run(
         ctx,
-        project=body.project,
+        project=project,
         name=body.name,
         params=body.params,
         tags=body.tags,
@@ -35,45 +44,70 @@ def create_run(body: CreateRunRequest, ctx: Ctx) -> Run:
 
 @router.get("")
 def list_runs(
+    project: ProjectPath,
     ctx: Ctx,
-    project: OptionalProject = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
 ) -> list[Run]:
     return runs.list_runs(ctx, project=project, limit=limit)
 
 
 @router.get("/{run_id}")
-def get_run(run_id: str, ctx: Ctx) -> Run:
-    return runs.get_run(ctx, run_id=run_id)
+def get_run(project: ProjectPath, run_id: RunId, ctx: Ctx) -> Run:
+    return runs.get_run(ctx, run_id=run_id, project=project)
 
 
-@router.post("/{run_id}/log-batch")
-def log_batch(run_id: str, body: LogBatchRequest, ctx: Ctx) -> LogBatchResponse:
-    stored = runs.log_batch(
-        ctx, run_id=run_id, metrics=body.metrics, params=body.params, tags=body.tags
+@router.post("/{run_id}/log-batch", responses={409: {"model": ErrorBody}})
+def log_batch(
+    project: ProjectPath, run_id: RunId, body: LogBatchRequest, ctx: Ctx
+) -> LogBatchResponse:
+    """Store a batch. A point that cannot be stored (e.g. a string value) is rejected alone and
+    listed in ``rejected`` with its key, step and reason; the rest are stored (200 either way)."""
+    result = runs.log_batch(
+        ctx,
+        run_id=run_id,
+        project=project,
+        metrics=body.metrics,
+        params=body.params,
+        tags=body.tags,
     )
-    return LogBatchResponse(stored=stored)
+    return LogBatchResponse(stored=result.stored, rejected=result.rejected)
 
 
-@router.patch("/{run_id}")
-def finish_run(run_id: str, body: FinishRunRequest, ctx: Ctx) -> Run:
-    return runs.finish_run(ctx, run_id=run_id, status=body.status)
+@router.post(
+    "/{run_id}/heartbeat",
+    status_code=204,
+    response_class=Response,
+    responses={409: {"model": ErrorBody}},
+)
+def heartbeat(project: ProjectPath, run_id: RunId, ctx: Ctx) -> None:
+    """A sign of life from the process logging to the run; a crashed run becomes running."""
+    runs.heartbeat(ctx, run_id=run_id, project=project)
+
+
+@router.patch("/{run_id}", responses={409: {"model": ErrorBody}})
+def finish_run(project: ProjectPath, run_id: RunId, body: FinishRunRequest, ctx: Ctx) -> Run:
+    return runs.finish_run(ctx, run_id=run_id, project=project, status=body.status)
 
 
 @router.get("/{run_id}/metrics")
 def metric_history(
-    run_id: str, key: Annotated[str, Query(min_length=1, max_length=250)], ctx: Ctx
+    project: ProjectPath,
+    run_id: RunId,
+    key: Annotated[str, Query(min_length=1, max_length=250)],
+    ctx: Ctx,
 ) -> list[MetricPoint]:
-    return runs.metric_history(ctx, run_id=run_id, key=key)
+    return runs.metric_history(ctx, run_id=run_id, project=project, key=key)
 
 
-@router.post("/{run_id}/artifacts", status_code=201)
-def log_artifact(run_id: str, body: LogArtifactRequest, ctx: Ctx) -> Artifact:
-    return runs.log_artifact(ctx, run_id=run_id, path=body.path, digest=body.digest, size=body.size)
+@router.post("/{run_id}/artifacts", status_code=201, responses={409: {"model": ErrorBody}})
+def log_artifact(
+    project: ProjectPath, run_id: RunId, body: LogArtifactRequest, ctx: Ctx
+) -> Artifact:
+    return runs.log_artifact(
+        ctx, run_id=run_id, project=project, path=body.path, digest=body.digest, size=body.size
+    )
 
 
 @router.post("/{run_id}/inputs", status_code=204, response_class=Response)
-def add_input(run_id: str, body: AddRunInputRequest, ctx: Ctx) -> None:
-    runs.add_input(
-        ctx, run_id=run_id, project=body.project, dataset=body.dataset, version=body.version
-    )
+def add_input(project: ProjectPath, run_id: RunId, body: AddRunInputRequest, ctx: Ctx) -> None:
+    runs.add_input(ctx, run_id=run_id, project=project, dataset=body.dataset, version=body.version)
