@@ -62,7 +62,12 @@ def test_a_server_job_gets_an_allowlist_never_the_server_environment(tmp_path: P
     settings = Settings(home=tmp_path, server_url="http://127.0.0.1:8340")
     env = job_env(
         JOB,
-        {"EPOCHS": "3", "SHIPYARD_DB": "sqlite:////stolen.db", "SHIPYARD_JOB_ID": "forged"},
+        {
+            "EPOCHS": "3",
+            "SHIPYARD_DB": "sqlite:////stolen.db",
+            "SHIPYARD_JOB_ID": "forged",
+            "SHIPYARD_AUDIT_KEY_FILE": "/tmp/forged.key",
+        },
         shipyard_url="http://127.0.0.1:8340",
         token="shp_job",
         settings=settings,

@@ -32,6 +32,8 @@ from pathlib import Path
 
 from shipyard.errors import InvalidInputError, InvalidStateError
 from shipyard.settings import (
+    ENV_AUDIT_HEAD_FILE,
+    ENV_AUDIT_KEY_FILE,
     ENV_BLOBS,
     ENV_DB,
     ENV_HOME,
@@ -50,7 +52,16 @@ from shipyard.settings import (
 PASSED_VARIABLES = ("PATH", "LANG", "LANGUAGE", "TZ")
 PASSED_PREFIXES = ("LC_",)
 # shipyard's own settings, which a server job never gets (not even when its spec names them).
-SERVER_ONLY = (ENV_HOME, ENV_DB, ENV_BLOBS, ENV_SERVER_URL, ENV_JOB_USER, ENV_JOB_ROOT)
+SERVER_ONLY = (
+    ENV_HOME,
+    ENV_DB,
+    ENV_BLOBS,
+    ENV_SERVER_URL,
+    ENV_JOB_USER,
+    ENV_JOB_ROOT,
+    ENV_AUDIT_KEY_FILE,
+    ENV_AUDIT_HEAD_FILE,
+)
 JOB_ROOT_MODE = 0o711
 JOB_DIR_MODE = 0o700
 

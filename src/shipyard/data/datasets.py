@@ -15,6 +15,7 @@ killed mid-commit therefore leaves at worst some unreferenced blobs, never a par
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Callable, Iterable, Sequence
@@ -49,7 +50,16 @@ from shipyard.security.paths import safe_file, safe_join, walk_files
 from shipyard.security.rbac import authorize
 from shipyard.store.engine import lock
 from shipyard.store.queries import project_id
-from shipyard.store.tables import DatasetRow, DatasetVersionRow, ProjectRow, aware, utcnow
+from shipyard.store.tables import (
+    DatasetRow,
+    DatasetVersionRow,
+    LockRow,
+    ProjectRow,
+    aware,
+    utcnow,
+)
+
+logger = logging.getLogger(__name__)
 
 Progress = Callable[[int, int, str], None]
 """``progress(done_bytes, total_bytes, path)``, called after each file."""
@@ -346,6 +356,42 @@ def read_table(
 def manifest_digests(ctx: Context, manifest_digest: str) -> set[str]:
     """The digests a dataset manifest references: its files' and its own (for the collector)."""
     return {manifest_digest, *(f.digest for f in _read_manifest(ctx, manifest_digest))}
+
+
+BACKFILL_MARK = "backfill:dataset-file-refs"
+
+
+def backfill_file_refs(ctx: Context) -> int:
+    """Give each project a blob reference to every file of its dataset versions; returns how many
+    references were added. Stores made before blobs had owners recorded only the manifest, so a
+    project's members could not read its older files through the API. Runs once per store (a
+    mark in ``locks``); the server calls it at start. The manifests are read outside any
+    transaction; a manifest that cannot be read is skipped and named in the log."""
+    with ctx.db.read() as s:
+        if s.get(LockRow, BACKFILL_MARK) is not None:
+            return 0
+        versions = s.execute(
+            select(DatasetRow.project_id, DatasetVersionRow.manifest_digest).join(
+                DatasetRow, DatasetRow.id == DatasetVersionRow.dataset_id
+            )
+        ).all()
+    wanted: dict[str, set[str]] = {}
+    for project_pk, manifest in versions:
+        try:
+            wanted.setdefault(project_pk, set()).update(manifest_digests(ctx, manifest))
+        except (NotFoundError, OSError, pa.ArrowException) as exc:
+            logger.warning(
+                "dataset manifest %s could not be read for the backfill: %s", manifest, exc
+            )
+    added = 0
+    with ctx.db.transaction() as s:
+        lock(s, "datasets")
+        if s.get(LockRow, BACKFILL_MARK) is not None:  # another process did it meanwhile
+            return 0
+        for project_pk, digests in wanted.items():
+            added += add_refs(s, project_pk=project_pk, digests=digests)
+        lock(s, BACKFILL_MARK, holder=f"added {added}")
+    return added
 
 
 # --- helpers: checking input --------------------------------------------------------------------

@@ -12,6 +12,8 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from shipyard.errors import InvalidInputError
+
 
 class Role(str, enum.Enum):
     VIEWER = "viewer"
@@ -34,6 +36,16 @@ class Role(str, enum.Enum):
         if b is None:
             return a
         return a if a.rank <= b.rank else b
+
+    @staticmethod
+    def parse(value: Role | str, *, field: str = "role") -> Role:
+        """``value`` as a role, or ``InvalidInputError`` naming the roles there are."""
+        try:
+            return Role(value)
+        except ValueError:
+            raise InvalidInputError(
+                f"{field} {value!r} is not one of viewer, editor, admin", field=field
+            ) from None
 
 
 _RANK = {Role.VIEWER: 0, Role.EDITOR: 1, Role.ADMIN: 2}

@@ -69,11 +69,12 @@ def note_upload(ctx: Context, *, project: str, digest: str) -> None:
         add_refs(s, project_pk=project_id(s, project, create=True), digests=[digest])
 
 
-def add_refs(s: Session, *, project_pk: str, digests: Iterable[str]) -> None:
-    """Inside a service's transaction: ``project_pk`` (a project's id) references ``digests``."""
+def add_refs(s: Session, *, project_pk: str, digests: Iterable[str]) -> int:
+    """Inside a service's transaction: ``project_pk`` (a project's id) references ``digests``;
+    returns how many references were new."""
     wanted = set(digests)
     if not wanted:
-        return
+        return 0
     have = set(
         s.scalars(
             select(BlobRefRow.digest).where(
@@ -81,8 +82,10 @@ def add_refs(s: Session, *, project_pk: str, digests: Iterable[str]) -> None:
             )
         )
     )
-    for digest in sorted(wanted - have):
+    missing = sorted(wanted - have)
+    for digest in missing:
         s.add(BlobRefRow(project_id=project_pk, digest=digest))
+    return len(missing)
 
 
 __all__ = ["add_refs", "authorize_blob", "note_upload", "require_refs"]

@@ -165,7 +165,7 @@ def set_member(ctx: Context, *, project: str, principal: str, role: Role | str) 
     """Give ``principal`` ``role`` in ``project`` (project admins and server admins)."""
     validate_name(project, field="project")
     authorize(ctx, project=project, need=Role.ADMIN)
-    role = _parse_role(role)
+    role = Role.parse(role)
     with ctx.db.transaction() as s:
         pid = project_id(s, project, create=False)
         prow = _require_principal(s, principal)
@@ -313,15 +313,6 @@ def _parse_kind(kind: PrincipalKind | str) -> PrincipalKind:
     if parsed is None or parsed is PrincipalKind.JOB:
         raise InvalidInputError(f"kind {kind!r} is not one of user, service", field="kind")
     return parsed
-
-
-def _parse_role(role: Role | str) -> Role:
-    try:
-        return Role(role)
-    except ValueError:
-        raise InvalidInputError(
-            f"role {role!r} is not one of viewer, editor, admin", field="role"
-        ) from None
 
 
 def _info(row: PrincipalRow) -> PrincipalInfo:

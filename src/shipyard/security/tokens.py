@@ -85,7 +85,7 @@ def create_token(
     ``project``/``role`` narrow it; ``expires_at`` ends it (at most ten years ahead).
     """
     validate_name(name, field="name")
-    narrowed_role = _parse_role(role)
+    narrowed_role = None if role is None else Role.parse(role)
     if project is not None:
         validate_name(project, field="project")
     if expires_at is not None:
@@ -340,17 +340,6 @@ def _check_narrowing(s: Session, owner: PrincipalRow, project: str) -> None:
     exists = s.scalar(select(ProjectRow.id).where(ProjectRow.name == project))
     if exists is None or role_in(load_principal(s, owner), project) is None:
         raise project_not_found(project)
-
-
-def _parse_role(role: Role | str | None) -> Role | None:
-    if role is None:
-        return None
-    try:
-        return Role(role)
-    except ValueError:
-        raise InvalidInputError(
-            f"role {role!r} is not one of viewer, editor, admin", field="role"
-        ) from None
 
 
 def _check_expiry(expires_at: datetime) -> datetime:

@@ -34,6 +34,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import anyio.to_thread
 import uvicorn
 from fastapi import APIRouter, FastAPI, Response
 from fastapi.staticfiles import StaticFiles
@@ -42,6 +43,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from shipyard import __version__
 from shipyard.compute import jobs
 from shipyard.context import Context, open_context
+from shipyard.data import datasets as datasets_service
 from shipyard.errors import InvalidInputError, PermissionDeniedError
 from shipyard.monitoring.metrics import MetricsMiddleware, ServerMetrics
 from shipyard.schemas import Health
@@ -303,6 +305,8 @@ def _lifespan(ctx: Context, *, tick: Callable[[Context], Any] | None) -> Any:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         _sweep_uploads(ctx)
         ctx.blobs.sweep_temp(older_than_s=STALE_TEMP_S)  # left by writers killed mid-write
+        # once per store: owners for the files of dataset versions made before blobs had owners
+        await anyio.to_thread.run_sync(datasets_service.backfill_file_refs, ctx)
         ticker = _Ticker(tick, ctx.as_actor(SCHEDULER_ACTOR)) if tick is not None else None
         if ticker is not None:
             ticker.start()
