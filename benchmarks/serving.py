@@ -27,9 +27,13 @@ at a time); then an open-loop burst at ``--overload`` (10) times the rate the re
 one at a time, for ``--overload-seconds``, from asyncio on 64 keep-alive connections (latency
 counted from when each request was due). Reported: admitted p99 / unloaded p99, the share shed
 (429), the shed requests' latency, the shed counts by reason from ``/metrics``, and the latency
-of the first request after the burst. Without ``--quick`` the same burst also runs against a
-replica whose queue is unbounded (``replica_overload_unbounded``: the behaviour before
-shedding), for comparison. ``--only-overload`` runs just these.
+of the first request after the burst. ``replica_overload_calls`` admits only requests whose
+predicted wait is at most one model call (``--max-queue-calls 1``); ``replica_overload_defaults``
+runs the same burst against a replica started with no queue flags (what a deployment gets:
+256 rows, a predicted wait of 2 model calls but at least 100 ms, at most 1 s).
+Without ``--quick`` the same burst also runs against a replica whose queue is unbounded
+(``replica_overload_unbounded``: the behaviour before shedding), for comparison.
+``--only-overload`` runs just these.
 
 Run: ``.venv/bin/python benchmarks/serving.py [--quick] [--requests N] [--concurrency C]
 [--only-overload]``.
@@ -284,14 +288,17 @@ def run_overload(*, factor: float, seconds: float, quick: bool) -> dict[str, Any
         blobs_url = (tmp / "blobs").as_uri()
         digest = BlobStore(blobs_url).put_bytes(model_bytes).digest
         configs = [("replica_overload", ["--max-queue-rows", "1", "--max-queue-ms",
-                                         f"{max_queue_ms:.1f}"])]  # fmt: skip
+                                         f"{max_queue_ms:.1f}"]),
+                   ("replica_overload_calls", ["--max-queue-calls", "1"]),
+                   ("replica_overload_defaults", [])]  # fmt: skip
         if not quick:
             configs.append(
                 (
                     "replica_overload_unbounded",
-                    ["--max-queue-rows", "100000000", "--max-queue-ms", "1e9"],
+                    ["--max-queue-rows", "100000000", "--max-queue-ms", "1e9",
+                     "--max-queue-calls", "1e9"],
                 )
-            )
+            )  # fmt: skip
         for name, flags in configs:
             variants[name] = bench_overload(
                 tmp / name,

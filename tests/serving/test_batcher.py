@@ -302,3 +302,48 @@ def test_shedding_limits_must_be_sane() -> None:
         Batcher(lambda inputs: dict(inputs), max_queue_rows=0)
     with pytest.raises(ValueError, match="max_queue_ms"):
         Batcher(lambda inputs: dict(inputs), max_queue_ms=0)
+    with pytest.raises(ValueError, match="max_queue_calls"):
+        Batcher(lambda inputs: dict(inputs), max_queue_calls=0)
+
+
+def test_the_wait_bound_in_model_calls_follows_the_models_speed() -> None:
+    def model(seconds: float) -> Callable[[Mapping[str, np.ndarray]], Arrays]:
+        def predict(inputs: Mapping[str, np.ndarray]) -> Arrays:
+            time.sleep(seconds)
+            return {"y": np.asarray(inputs["x"])}
+
+        return predict
+
+    async def scenario(seconds: float) -> tuple[list[object], float | None]:
+        # a generous time bound: only the calls-based one (2.5 calls) can shed here
+        batcher = Batcher(
+            model(seconds), max_batch_size=1, max_wait_ms=0, max_queue_ms=60_000,
+            max_queue_calls=2.5,
+        )  # fmt: skip
+        await batcher.start()
+        try:
+            assert batcher.queue_time_limit() == 60.0  # no call measured yet
+            await batcher.submit({"x": np.zeros((1, 1))})  # calibrates the call time
+            limit = batcher.queue_time_limit()
+
+            async def one(i: int) -> object:
+                try:
+                    return await batcher.submit({"x": np.full((1, 1), i)})
+                except OverloadedError as exc:
+                    return exc
+
+            # predicted waits 0, 1, 2, 3, 4, 5 calls: the first three are within 2.5 calls
+            return list(await asyncio.gather(*(one(i) for i in range(6)))), limit
+        finally:
+            await batcher.stop()
+
+    results, limit = asyncio.run(scenario(0.1))
+    assert limit is not None and 0.2 < limit < 0.75  # 2.5 calls of ~100 ms
+    assert [isinstance(r, dict) for r in results] == [True] * 3 + [False] * 3, results
+    assert all(isinstance(r, OverloadedError) and r.reason == SHED_QUEUE_TIME for r in results[3:])
+    assert "--max-queue-calls" in results[3].message  # type: ignore[union-attr]
+
+    # a fast model: the bound never drops below the floor, so a short queue is not shed
+    results, limit = asyncio.run(scenario(0.0005))
+    assert limit == pytest.approx(0.1)
+    assert all(isinstance(r, dict) for r in results), results

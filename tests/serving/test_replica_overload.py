@@ -182,6 +182,7 @@ def _p99(values: list[float]) -> float:
 
 @pytest.fixture
 def heavy_replica(tmp_path: Path) -> Iterator[tuple[int, float]]:
+    """A replica of the heavy model with a queue of one request and one call's wait."""
     data = heavy_model()
     call = _model_call_seconds(data)
     blobs = BlobStore(f"file://{tmp_path / 'blobs'}")
@@ -193,8 +194,8 @@ def heavy_replica(tmp_path: Path) -> Iterator[tuple[int, float]]:
     max_queue_ms = max(call * 1000, 5.0)
     args = [
         "--blobs", blobs.url, "--digest", digest, "--name", "heavy", "--version", "1",
-        "--fd", str(sock.fileno()), "--max-queue-rows", "1",
-        "--max-queue-ms", f"{max_queue_ms:.1f}",
+        "--fd", str(sock.fileno()),
+        "--max-queue-rows", "1", "--max-queue-ms", f"{max_queue_ms:.1f}",
     ]  # fmt: skip
     log = tmp_path / "replica.log"
     with open(log, "wb") as out:

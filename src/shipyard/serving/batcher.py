@@ -13,7 +13,8 @@ a time, so one bad request never fails its neighbours and a model that is not ba
 answered correctly.
 
 Load shedding: the queue is bounded in rows (``max_queue_rows``) and in time (``max_queue_ms``,
-the longest a request may wait for its batch to start). A request beyond either bound is refused
+the longest a request may wait for its batch to start, and ``max_queue_calls``, the longest
+predicted wait at admission counted in model calls). A request beyond either bound is refused
 at once with :class:`OverloadedError` (HTTP 429 with ``Retry-After`` in the replica): when the
 queue is full, or when the wait predicted from the recent model-call time and the rows ahead of
 it would exceed the time bound; a request that still waits longer than that (the prediction was
@@ -43,6 +44,9 @@ BatchObserver = Callable[[int, float], None]  # (rows in the batch, seconds the 
 SHED_QUEUE_FULL = "queue_full"
 SHED_QUEUE_TIME = "queue_time"
 _EWMA = 0.2  # weight of the newest model call in the running estimate of a call's duration
+# The calls-based bound never goes below this: on a busy machine a fast model's requests wait
+# for the event loop and the GIL more than for the model, and that alone must not shed them.
+QUEUE_FLOOR_S = 0.1
 
 
 class OverloadedError(ShipyardError):
@@ -93,6 +97,7 @@ class Batcher:
         workers: int = 1,
         max_queue_rows: int | None = None,
         max_queue_ms: float | None = None,
+        max_queue_calls: float | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
@@ -102,11 +107,14 @@ class Batcher:
             raise ValueError("max_queue_rows must be at least 1")
         if max_queue_ms is not None and max_queue_ms <= 0:
             raise ValueError("max_queue_ms must be positive")
+        if max_queue_calls is not None and max_queue_calls <= 0:
+            raise ValueError("max_queue_calls must be positive")
         self.predict = predict
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue_rows = max_queue_rows
         self.max_queue = None if max_queue_ms is None else max_queue_ms / 1000.0
+        self.max_queue_calls = max_queue_calls
         self.on_batch = on_batch
         self.batch_sizes: Counter[int] = Counter()  # rows per model call -> how many calls
         self._workers = workers
@@ -149,6 +157,17 @@ class Batcher:
         remaining = 0.0 if started is None else max(0.0, per_call - (time.monotonic() - started))
         return remaining + (self._queued_rows // self.max_batch_size) * per_call
 
+    def queue_time_limit(self) -> float | None:
+        """The longest predicted wait for its batch at which a request is admitted, in seconds:
+        the lower of ``max_queue_ms`` and ``max_queue_calls`` model calls (as recently measured,
+        never below :data:`QUEUE_FLOOR_S`); None when neither bounds it. Counting in calls keeps
+        an admitted request's latency a small multiple of the model's own, whatever the model's
+        speed. A request already queued is shed only past ``max_queue_ms``."""
+        limits = [] if self.max_queue is None else [self.max_queue]
+        if self.max_queue_calls is not None and self._call_seconds is not None:
+            limits.append(max(QUEUE_FLOOR_S, self.max_queue_calls * self._call_seconds))
+        return min(limits) if limits else None
+
     def admit(self, rows: int = 1) -> None:
         """Raise :class:`OverloadedError` if a request of ``rows`` rows would be shed now.
 
@@ -163,13 +182,14 @@ class Batcher:
                 reason=SHED_QUEUE_FULL,
                 retry_after=self._drain_seconds(),
             )
-        if self.max_queue is not None:
+        limit = self.queue_time_limit()
+        if limit is not None:
             wait = self.expected_wait()
-            if wait > self.max_queue:
+            if wait > limit:
                 raise OverloadedError(
                     f"the replica is overloaded: a request would wait about {wait * 1000:.0f} ms "
-                    f"for the model, over the limit of {self.max_queue * 1000:.0f} ms "
-                    "(--max-queue-ms); retry later",
+                    f"for the model, over the limit of {limit * 1000:.0f} ms "
+                    "(--max-queue-ms, --max-queue-calls); retry later",
                     reason=SHED_QUEUE_TIME,
                     retry_after=self._drain_seconds(),
                 )
@@ -269,6 +289,8 @@ class Batcher:
         if item.future.done():
             return False
         waited = time.monotonic() - item.enqueued
+        # Only the absolute bound here: a wait counted in model calls is what admission
+        # predicts, but a fast model's requests also wait for the event loop, not the model.
         if self.max_queue is not None and waited > self.max_queue:
             item.future.set_exception(
                 OverloadedError(

@@ -79,6 +79,7 @@ DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 DEFAULT_BODY_TIMEOUT_S = 5.0
 DEFAULT_MAX_QUEUE_ROWS = 256
 DEFAULT_MAX_QUEUE_MS = 1000.0
+DEFAULT_MAX_QUEUE_CALLS = 2.0
 CLIENT_GONE = 499  # the status counted (never sent) for a client that left before its answer
 _INLINE_DECODE_BYTES = 64 * 1024
 SERVER_NAME = "shipyard"
@@ -185,6 +186,7 @@ class ReplicaState:
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
     max_queue_rows: int | None = DEFAULT_MAX_QUEUE_ROWS
     max_queue_ms: float | None = DEFAULT_MAX_QUEUE_MS
+    max_queue_calls: float | None = DEFAULT_MAX_QUEUE_CALLS
     model: OnnxModel | None = None
     batcher: Batcher | None = None
     load_error: str | None = None
@@ -207,6 +209,7 @@ class ReplicaState:
             on_batch=self.metrics.observe_batch,
             max_queue_rows=self.max_queue_rows,
             max_queue_ms=self.max_queue_ms,
+            max_queue_calls=self.max_queue_calls,
         )
         await batcher.start()
         self.metrics.queued_rows.set_function(lambda: batcher.queued_rows)
@@ -243,13 +246,15 @@ def create_app(
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
     max_queue_rows: int | None = DEFAULT_MAX_QUEUE_ROWS,
     max_queue_ms: float | None = DEFAULT_MAX_QUEUE_MS,
+    max_queue_calls: float | None = DEFAULT_MAX_QUEUE_CALLS,
 ) -> FastAPI:
     """The OIP v2 app for one model version.
 
     Give ``model`` (already loaded) or ``loader`` (run in a thread at startup; the replica
     answers live at once and ready only when it has finished). The batcher starts and stops
-    with the app's lifespan. ``max_queue_rows``/``max_queue_ms`` bound the batcher's queue
-    (None: unbounded); ``body_timeout_s`` bounds the time to receive a request body.
+    with the app's lifespan. ``max_queue_rows``/``max_queue_ms``/``max_queue_calls`` bound the
+    batcher's queue (None: that bound off); ``body_timeout_s`` bounds the time to receive a
+    request body.
     """
     state = ReplicaState(
         name=name,
@@ -261,6 +266,7 @@ def create_app(
         body_timeout_s=body_timeout_s,
         max_queue_rows=max_queue_rows,
         max_queue_ms=max_queue_ms,
+        max_queue_calls=max_queue_calls,
     )
 
     @contextlib.asynccontextmanager
@@ -353,6 +359,11 @@ def main(argv: list[str] | None = None) -> int:
             raise InvalidInputError(
                 "--max-queue-ms must be a positive number of milliseconds", field="--max-queue-ms"
             )
+        if args.max_queue_calls is not None and not args.max_queue_calls > 0:
+            raise InvalidInputError(
+                "--max-queue-calls must be a positive number of model calls",
+                field="--max-queue-calls",
+            )
         if args.fd is None:
             _require_loopback(args.host)
     except ShipyardError as exc:
@@ -387,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         body_timeout_s=args.body_timeout,
         max_queue_rows=args.max_queue_rows,
         max_queue_ms=args.max_queue_ms,
+        max_queue_calls=args.max_queue_calls,
     )
     _log_to_stderr(args.log_level)
     config = uvicorn.Config(
@@ -726,6 +738,14 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=DEFAULT_MAX_QUEUE_MS,
         help="longest a request may wait for the model; requests that would wait longer get 429",
+    )
+    parser.add_argument(
+        "--max-queue-calls",
+        type=float,
+        default=DEFAULT_MAX_QUEUE_CALLS,
+        help="admit a request only if its predicted wait is at most this many model calls (as "
+        "measured, and at least 100 ms): keeps admitted latency a small multiple of a slow "
+        "model's own; --max-queue-ms caps it",
     )
     parser.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
