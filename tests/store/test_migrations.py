@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -120,11 +121,15 @@ def test_postgresql_url_keeps_its_password_and_gets_the_psycopg_driver() -> None
         "postgresql+nosuch://h/db",
     ],
 )
-def test_unsupported_database_urls_are_rejected_naming_the_field(url: str) -> None:
+def test_unsupported_database_urls_are_rejected_naming_the_field(
+    url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(InvalidInputError) as caught:
         open_database(url)
     assert caught.value.field == "db"
     assert "database URL" in caught.value.message
+    assert list(tmp_path.iterdir()) == []  # a refused URL creates no file
 
 
 def test_errors_about_a_database_url_do_not_echo_its_password() -> None:

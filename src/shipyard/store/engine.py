@@ -119,9 +119,6 @@ def _make_engine(url: str) -> Engine:
     shown = parsed.render_as_string(hide_password=True)  # never echo a password into errors
     options: dict[str, Any]
     if parsed.get_backend_name() == "sqlite":
-        if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-            _make_private(Path(parsed.database))
         options = {"connect_args": {"timeout": 60, "check_same_thread": False}}
         if parsed.database and parsed.database != ":memory:":
             database = parsed.database
@@ -144,6 +141,10 @@ def _make_engine(url: str) -> Engine:
             field="db",
         ) from None
     if parsed.get_backend_name() == "sqlite":
+        # only once the URL is known good: a refused URL must leave no file behind
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            _make_private(Path(parsed.database))
         _configure_sqlite(engine)
     return engine
 
