@@ -16,6 +16,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from shipyard.domain.checkpoints import Checkpoint
 from shipyard.domain.metrics import PointLike
 from shipyard.domain.models import (
     AliasEvent,
@@ -33,6 +34,9 @@ from shipyard.domain.models import (
     LogBatchResult,
     MetricPoint,
     ModelVersion,
+    NodeView,
+    QueueView,
+    QuotaSpec,
     RegisteredModel,
     Run,
     RunStatus,
@@ -117,6 +121,33 @@ class Backend(ABC):
     ) -> Artifact: ...
     @abstractmethod
     def add_run_input(self, run_id: str, *, project: str, dataset: str, version: int) -> None: ...
+    @abstractmethod
+    def last_steps(self, run_id: str, *, project: str | None = None) -> dict[str, int]:
+        """The largest stored step of each of the run's metric keys."""
+
+    # checkpoints
+    @abstractmethod
+    def save_checkpoint(
+        self,
+        run_id: str,
+        *,
+        local_path: Path,
+        step: int | None = None,
+        attempt: int = 1,
+        project: str | None = None,
+    ) -> Checkpoint:
+        """Upload a file or a folder's files as blobs and record them as the run's next
+        checkpoint."""
+
+    @abstractmethod
+    def list_checkpoints(self, run_id: str, *, project: str | None = None) -> list[Checkpoint]: ...
+    @abstractmethod
+    def latest_checkpoint(self, run_id: str, *, project: str | None = None) -> Checkpoint | None:
+        """The run's newest checkpoint, or None."""
+
+    @abstractmethod
+    def download_blob(self, digest: str, target: Path, *, project: str | None = None) -> None:
+        """Write blob ``digest`` to ``target`` atomically, verified against its digest."""
 
     # models
     @abstractmethod
@@ -193,6 +224,28 @@ class Backend(ABC):
     def audit_events(self, *, after: int = 0, limit: int = 100) -> list[AuditEvent]: ...
     @abstractmethod
     def verify_audit(self) -> AuditVerification: ...
+
+    # cluster: nodes and queues
+    @abstractmethod
+    def list_nodes(self) -> list[NodeView]: ...
+    @abstractmethod
+    def get_node(self, node_id: str) -> NodeView: ...
+    @abstractmethod
+    def list_queues(self) -> list[QueueView]: ...
+    @abstractmethod
+    def get_queue(self, name: str) -> QueueView: ...
+    @abstractmethod
+    def set_queue(
+        self,
+        name: str,
+        *,
+        nominal: QuotaSpec,
+        cohort: str | None = None,
+        borrowing_limit: QuotaSpec | None = None,
+        weight: float = 1.0,
+    ) -> QueueView: ...
+    @abstractmethod
+    def delete_queue(self, name: str) -> None: ...
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections; the default holds none."""

@@ -10,13 +10,16 @@ body is turned back into the exception the service raised.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import blake3
 import httpx
 from pydantic import BaseModel, TypeAdapter
 
@@ -24,6 +27,7 @@ from shipyard.blobs import hash_bytes, hash_file
 from shipyard.client.backend import Backend, Progress
 from shipyard.compute.snapshot import snapshot_code
 from shipyard.data.datasets import source_files
+from shipyard.domain.checkpoints import Checkpoint
 from shipyard.domain.metrics import PointLike
 from shipyard.domain.models import (
     AliasEvent,
@@ -41,6 +45,9 @@ from shipyard.domain.models import (
     LogBatchResult,
     MetricPoint,
     ModelVersion,
+    NodeView,
+    QueueView,
+    QuotaSpec,
     RegisteredModel,
     Run,
     RunStatus,
@@ -56,11 +63,13 @@ from shipyard.schemas import (
     JobLogsResponse,
     LogArtifactRequest,
     NewFile,
+    RecordCheckpointRequest,
     RegisterModelVersionRequest,
     SetAliasRequest,
     SubmitJobRequest,
 )
 from shipyard.settings import DEFAULT_PROJECT
+from shipyard.tracking.checkpoints import checkpoint_sources
 
 M = TypeVar("M", bound=BaseModel)
 API = "/api/v1"
@@ -97,14 +106,18 @@ class HttpBackend(Backend):
                 "running there, and is SHIPYARD_URL right?"
             ) from None
         if response.status_code >= 400 and method != "HEAD":
-            try:
-                body = response.json()
-            except ValueError:
-                body = {"message": response.text[:500]}
-            if not isinstance(body, dict):
-                body = {"message": str(body)}
-            raise error_from_dict(body, status=response.status_code)
+            self._raise_for(response)
         return response
+
+    def _raise_for(self, response: httpx.Response) -> None:
+        """Raise the error a failed response's body names (the service's own exception)."""
+        try:
+            body = response.json()
+        except ValueError:
+            body = {"message": response.text[:500]}
+        if not isinstance(body, dict):
+            body = {"message": str(body)}
+        raise error_from_dict(body, status=response.status_code)
 
     def _json(self, method: str, path: str, model: type[M], **kwargs: Any) -> M:
         return model.model_validate(self._request(method, path, **kwargs).json())
@@ -282,6 +295,70 @@ class HttpBackend(Backend):
             "POST", f"{self._run(project, run_id)}/inputs", json=body.model_dump(mode="json")
         )
 
+    def last_steps(self, run_id: str, *, project: str | None = None) -> dict[str, int]:
+        data = self._request("GET", f"{self._run(project, run_id)}/metric-steps").json()
+        return TypeAdapter(dict[str, int]).validate_python(data)
+
+    # --- checkpoints ---------------------------------------------------------------------------
+
+    def save_checkpoint(
+        self,
+        run_id: str,
+        *,
+        local_path: Path,
+        step: int | None = None,
+        attempt: int = 1,
+        project: str | None = None,
+    ) -> Checkpoint:
+        kind, sources = checkpoint_sources(Path(local_path))
+        entries: list[NewFile] = []
+        for rel, real in sources:
+            digest, size = self._put_blob(project or self.project, real)
+            entries.append(_unchecked(NewFile, path=rel, digest=digest, size=size))
+        body = _unchecked(
+            RecordCheckpointRequest, files=entries, kind=kind, step=step, attempt=attempt
+        )
+        return self._json(
+            "POST",
+            f"{self._run(project, run_id)}/checkpoints",
+            Checkpoint,
+            json=body.model_dump(mode="json"),
+        )
+
+    def list_checkpoints(self, run_id: str, *, project: str | None = None) -> list[Checkpoint]:
+        return self._list(f"{self._run(project, run_id)}/checkpoints", Checkpoint)
+
+    def latest_checkpoint(self, run_id: str, *, project: str | None = None) -> Checkpoint | None:
+        data = self._request("GET", f"{self._run(project, run_id)}/checkpoints/latest").json()
+        return None if data is None else Checkpoint.model_validate(data)
+
+    def download_blob(self, digest: str, target: Path, *, project: str | None = None) -> None:
+        url = f"{self._p(project)}/blobs/{_seg(digest, 'digest')}"
+        target = Path(target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".shipyard-")
+        try:
+            hasher = blake3.blake3()
+            with os.fdopen(fd, "wb") as out:
+                try:
+                    with self._http.stream("GET", url) as response:
+                        if response.status_code >= 400:
+                            response.read()
+                            self._raise_for(response)
+                        for chunk in response.iter_bytes():
+                            hasher.update(chunk)
+                            out.write(chunk)
+                except httpx.TransportError as exc:
+                    raise BackendError(
+                        f"downloading blob {digest} from {self.url} failed ({exc}); try again"
+                    ) from None
+            if hasher.hexdigest() != digest:
+                raise IntegrityError(f"blob {digest} arrived corrupted; try again", digest=digest)
+            os.replace(tmp, target)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
     # --- models --------------------------------------------------------------------------------
 
     def register_model_version(
@@ -432,6 +509,40 @@ class HttpBackend(Backend):
         data = self._request("GET", f"{API}/audit/verify").json()
         return AuditVerification.model_validate(data)
 
+    # --- cluster: nodes and queues -------------------------------------------------------------
+
+    def list_nodes(self) -> list[NodeView]:
+        return self._list(f"{API}/nodes", NodeView)
+
+    def get_node(self, node_id: str) -> NodeView:
+        return self._json("GET", f"{API}/nodes/{_seg(node_id, 'node_id')}", NodeView)
+
+    def list_queues(self) -> list[QueueView]:
+        return self._list(f"{API}/queues", QueueView)
+
+    def get_queue(self, name: str) -> QueueView:
+        return self._json("GET", f"{API}/queues/{_seg(name)}", QueueView)
+
+    def set_queue(
+        self,
+        name: str,
+        *,
+        nominal: QuotaSpec,
+        cohort: str | None = None,
+        borrowing_limit: QuotaSpec | None = None,
+        weight: float = 1.0,
+    ) -> QueueView:
+        body = {
+            "nominal": _quota_body(nominal),
+            "cohort": cohort,
+            "borrowing_limit": _quota_body(borrowing_limit or QuotaSpec()),
+            "weight": wire_float(weight),
+        }
+        return self._json("PUT", f"{API}/queues/{_seg(name)}", QueueView, json=body)
+
+    def delete_queue(self, name: str) -> None:
+        self._request("DELETE", f"{API}/queues/{_seg(name)}")
+
 
 def wire_float(value: float) -> float | str:
     """A float as JSON can carry it: NaN and the infinities as the strings the server reads."""
@@ -449,6 +560,15 @@ def _unchecked(cls: type[M], /, **fields: Any) -> M:
     service's own (``InvalidInputError``/``UnsafePathError`` naming the field), exactly as the
     embedded backend raises it - never a client-side pydantic error."""
     return cls.model_construct(**fields)
+
+
+def _quota_body(quota: QuotaSpec) -> dict[str, Any]:
+    """A quota as the PUT body carries it: unlimited fields left out."""
+    body = _clean(quota.model_dump(exclude={"gpus_by_model"}))
+    body = {k: wire_float(v) if isinstance(v, float) else v for k, v in body.items()}
+    if quota.gpus_by_model:
+        body["gpus_by_model"] = {k: wire_float(v) for k, v in quota.gpus_by_model.items()}
+    return body
 
 
 def _clean(params: dict[str, Any]) -> dict[str, Any]:

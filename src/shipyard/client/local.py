@@ -6,10 +6,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from shipyard.client.backend import Backend, Progress
-from shipyard.compute import jobs
+from shipyard.compute import jobs, nodes, queues
 from shipyard.context import Context
 from shipyard.data import datasets
 from shipyard.data import lineage as lineage_service
+from shipyard.domain.checkpoints import Checkpoint
 from shipyard.domain.metrics import PointLike
 from shipyard.domain.models import (
     AliasEvent,
@@ -27,6 +28,9 @@ from shipyard.domain.models import (
     LogBatchResult,
     MetricPoint,
     ModelVersion,
+    NodeView,
+    QueueView,
+    QuotaSpec,
     RegisteredModel,
     Run,
     RunStatus,
@@ -36,7 +40,7 @@ from shipyard.domain.principals import Role
 from shipyard.security import audit
 from shipyard.security.blobrefs import authorize_blob
 from shipyard.serving import deployments
-from shipyard.tracking import registry, runs
+from shipyard.tracking import checkpoints, registry, runs
 
 
 class LocalBackend(Backend):
@@ -147,6 +151,45 @@ class LocalBackend(Backend):
 
     def add_run_input(self, run_id: str, *, project: str, dataset: str, version: int) -> None:
         runs.add_input(self.ctx, run_id=run_id, project=project, dataset=dataset, version=version)
+
+    def last_steps(self, run_id: str, *, project: str | None = None) -> dict[str, int]:
+        return runs.last_steps(self.ctx, run_id=run_id, project=project)
+
+    # checkpoints
+    def save_checkpoint(
+        self,
+        run_id: str,
+        *,
+        local_path: Path,
+        step: int | None = None,
+        attempt: int = 1,
+        project: str | None = None,
+    ) -> Checkpoint:
+        kind, sources = checkpoints.checkpoint_sources(Path(local_path))
+        files = []
+        for rel, real in sources:
+            stored = self.ctx.blobs.put_file(real)
+            files.append(FileEntry(path=rel, digest=stored.digest, size=stored.size))
+        return checkpoints.record_checkpoint(
+            self.ctx,
+            run_id=run_id,
+            project=project,
+            files=files,
+            kind=kind,
+            step=step,
+            attempt=attempt,
+        )
+
+    def list_checkpoints(self, run_id: str, *, project: str | None = None) -> list[Checkpoint]:
+        return checkpoints.list_checkpoints(self.ctx, run_id=run_id, project=project)
+
+    def latest_checkpoint(self, run_id: str, *, project: str | None = None) -> Checkpoint | None:
+        return checkpoints.latest_checkpoint(self.ctx, run_id=run_id, project=project)
+
+    def download_blob(self, digest: str, target: Path, *, project: str | None = None) -> None:
+        if project is not None:
+            authorize_blob(self.ctx, project=project, digest=digest, need=Role.VIEWER)
+        self.ctx.blobs.copy_to(digest, target)
 
     # models
     def register_model_version(
@@ -259,3 +302,37 @@ class LocalBackend(Backend):
 
     def verify_audit(self) -> AuditVerification:
         return audit.verify_audit_chain(self.ctx)
+
+    # cluster: nodes and queues
+    def list_nodes(self) -> list[NodeView]:
+        return nodes.list_nodes(self.ctx)
+
+    def get_node(self, node_id: str) -> NodeView:
+        return nodes.get_node(self.ctx, node_id=node_id)
+
+    def list_queues(self) -> list[QueueView]:
+        return queues.list_queues(self.ctx)
+
+    def get_queue(self, name: str) -> QueueView:
+        return queues.get_queue(self.ctx, name=name)
+
+    def set_queue(
+        self,
+        name: str,
+        *,
+        nominal: QuotaSpec,
+        cohort: str | None = None,
+        borrowing_limit: QuotaSpec | None = None,
+        weight: float = 1.0,
+    ) -> QueueView:
+        return queues.set_queue(
+            self.ctx,
+            name=name,
+            nominal=nominal,
+            cohort=cohort,
+            borrowing_limit=borrowing_limit or QuotaSpec(),
+            weight=weight,
+        )
+
+    def delete_queue(self, name: str) -> None:
+        queues.delete_queue(self.ctx, name=name)

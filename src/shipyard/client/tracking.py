@@ -26,6 +26,27 @@ once the grace period (``SHIPYARD_RUN_GRACE_S``, default 60 s) has passed.
 Inside a job, ``SHIPYARD_RUN_ID`` names the run the scheduler created, and ``init()`` attaches to
 it; elsewhere it creates a new run. A run that is still open when the process exits is flushed and
 finished (failed if the process is dying of an exception).
+
+Jobs that are preempted and requeued (or restarted) run again as a new *attempt* of the same job
+(``SHIPYARD_ATTEMPT``, 1-based; ``run.attempt``) and attach to the same run:
+
+- ``run.save_checkpoint(path, step=...)`` stores a file or a folder content-addressed (its files
+  are blobs; unchanged files are not uploaded again); ``run.latest_checkpoint(dest)`` downloads
+  the newest one, verified, and returns where it is (``None`` when the run has none yet).
+- Automatic steps continue: an attached run's ``log()`` without ``step`` starts after the largest
+  step any of its metric keys has stored, so the metric history of all attempts has no duplicate
+  and no missing steps. Explicit steps are stored as given.
+- Inside a job (``SHIPYARD_JOB_ID`` set), ``init()`` installs a SIGTERM handler (in the main
+  thread; any previous handler is called after it): it sends the buffered metrics, waiting at most
+  ``sigterm_timeout`` seconds, and exits with status 143 *without* finishing the run, so the next
+  attempt re-attaches to a run that is still running. Outside jobs SIGTERM is left alone.
+
+In a gang (``RANK`` set by the executor), every rank attaches to the job's one run, and only rank
+0 logs metrics, params and tags and finishes the run; the other ranks' ``log()``,
+``log_params()`` and ``set_tags()`` do nothing unless ``init(all_ranks=True)``. Inside a job every
+rank also samples its own process's CPU use and resident memory every ``system_interval``
+seconds (default 10) as ``system/rank{N}/cpu_percent`` and ``system/rank{N}/rss_mb``
+(``init(system_metrics=False)`` or ``SHIPYARD_SYSTEM_METRICS=0`` turns it off).
 """
 
 from __future__ import annotations
@@ -34,6 +55,7 @@ import atexit
 import collections
 import contextlib
 import os
+import signal
 import sys
 import tempfile
 import threading
@@ -43,9 +65,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import psutil
 from sqlalchemy.exc import OperationalError
 
+from shipyard.client.backend import Backend
 from shipyard.client.client import Client
+from shipyard.domain.checkpoints import Checkpoint, CheckpointKind
 from shipyard.domain.metrics import BadMetric, Point, key_problem, metric_value, step_problem
 from shipyard.domain.models import (
     Artifact,
@@ -65,7 +90,8 @@ from shipyard.errors import (
     StorageFullError,
     StorageUnavailableError,
 )
-from shipyard.settings import ENV_RUN_ID
+from shipyard.security.paths import safe_join
+from shipyard.settings import ENV_JOB_ID, ENV_RUN_ID
 from shipyard.tracking.formats import bundle_onnx_file
 from shipyard.tracking.runs import ENV_RUN_GRACE, MAX_BATCH, parse_grace
 
@@ -73,6 +99,13 @@ DEFAULT_MAX_PENDING = 200_000
 DEFAULT_FINISH_TIMEOUT_S = 60.0
 MAX_BACKOFF_S = 5.0
 FIRST_BACKOFF_S = 0.05
+ENV_ATTEMPT = "SHIPYARD_ATTEMPT"
+ENV_RANK = "RANK"
+ENV_SYSTEM_METRICS = "SHIPYARD_SYSTEM_METRICS"
+DEFAULT_SYSTEM_INTERVAL_S = 10.0
+DEFAULT_SIGTERM_TIMEOUT_S = 5.0
+SIGTERM_EXIT = 143  # 128 + SIGTERM, what a shell reports for a process SIGTERM ended
+SYSTEM_PREFIX = "system/"
 
 
 class ActiveRun:
@@ -82,6 +115,13 @@ class ActiveRun:
     buffered points; ``log()`` blocks while it is reached. ``finish_timeout``: how long
     ``finish()`` (and ``flush()``) keep retrying before they raise. ``heartbeat_interval``:
     seconds between heartbeats (default: a quarter of ``SHIPYARD_RUN_GRACE_S``, at most 10).
+
+    ``attempt``: the job attempt this process is (``run.attempt``). ``last_steps``: the largest
+    stored step of each metric key of an attached run; automatic steps continue after them.
+    ``rank``: this process's rank in a gang; ``silent``: drop ``log()``, ``log_params()`` and
+    ``set_tags()`` (a rank other than 0); ``owner``: whether ``finish()`` marks the run (rank 0
+    does, the other ranks of a gang only flush). ``system_metrics``: sample this process's CPU
+    and memory every ``system_interval`` seconds as ``system/rank{N}/...`` metrics.
     """
 
     def __init__(
@@ -97,9 +137,21 @@ class ActiveRun:
         max_batch: int = MAX_BATCH,
         finish_timeout: float = DEFAULT_FINISH_TIMEOUT_S,
         heartbeat_interval: float | None = None,
+        attempt: int = 1,
+        last_steps: dict[str, int] | None = None,
+        rank: int = 0,
+        silent: bool = False,
+        owner: bool = True,
+        system_metrics: bool = False,
+        system_interval: float = DEFAULT_SYSTEM_INTERVAL_S,
     ) -> None:
         if max_pending < 1 or max_batch < 1:
             raise InvalidInputError("max_pending and max_batch must be at least 1")
+        if not system_interval > 0:
+            raise InvalidInputError(
+                f"system_interval must be a positive number of seconds, not {system_interval!r}",
+                field="system_interval",
+            )
         self.client = client
         self.id = run_id
         self.project = project
@@ -115,14 +167,33 @@ class ActiveRun:
             if heartbeat_interval is not None
             else min(10.0, parse_grace(os.environ.get(ENV_RUN_GRACE)) / 4)
         )
-        self._lock = threading.Lock()
+        self.attempt = attempt
+        self.rank = rank
+        self._silent = silent
+        self._owner = owner
+        # re-entrant: the SIGTERM handler runs in the main thread, maybe while it holds them
+        self._lock = threading.RLock()
         self._room = threading.Condition(self._lock)  # log() waits here while the buffer is full
-        self._send_lock = threading.Lock()
+        self._send_lock = threading.RLock()
         self._buffer: collections.deque[Point] = collections.deque()
         self._params: dict[str, str] = {}
         self._tags: dict[str, str] = {}
-        self._step = 0
+        steps = last_steps or {}
+        ours = [v for k, v in steps.items() if not k.startswith(SYSTEM_PREFIX)]
+        self._step = max(ours) + 1 if ours else 0  # automatic steps continue after the stored
         self._good_keys: set[str] = set()
+        self._system_keys = (
+            f"{SYSTEM_PREFIX}rank{rank}/cpu_percent",
+            f"{SYSTEM_PREFIX}rank{rank}/rss_mb",
+        )
+        mine = [steps[k] for k in self._system_keys if k in steps]
+        self._system_step = max(mine) + 1 if mine else 0
+        self._system_interval = system_interval
+        self._process: psutil.Process | None = None
+        if system_metrics:
+            self._process = psutil.Process()
+            self._process.cpu_percent(None)  # the first call only starts the measurement
+        self._next_sample = time.monotonic() + system_interval
         self._error: BaseException | None = None  # raised on the caller's next call
         self._last_failure: BaseException | None = None  # the last send that may pass
         self._refused = 0  # points the service refused for good
@@ -130,6 +201,7 @@ class ActiveRun:
         self._next_beat = 0.0
         self._closing = False
         self._finished = False
+        self._detached = False  # left running for the job's next attempt (SIGTERM)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(
@@ -146,10 +218,13 @@ class ActiveRun:
         Values are numbers (NaN and +-Infinity included). A value that is not (a string, a
         boolean, None) or a bad key is rejected alone: the other values of the call are kept,
         then :class:`InvalidInputError` names each rejected key and the step.
-        Blocks while ``max_pending`` points are waiting to be sent.
+        Blocks while ``max_pending`` points are waiting to be sent. Does nothing on a gang rank
+        other than 0 (unless ``init(all_ranks=True)``).
         """
         self._raise_pending()
         self._check_open()
+        if self._silent:
+            return
         if step is not None and (problem := step_problem(step)) is not None:
             raise InvalidInputError(f"{problem}; nothing of this call was logged", field="step")
         now = time.time()
@@ -192,12 +267,16 @@ class ActiveRun:
 
     def log_params(self, params: dict[str, Any]) -> None:
         self._check_open()
+        if self._silent:
+            return
         with self._lock:
             self._params.update({k: _text(v) for k, v in params.items()})
         self.flush()  # params are few and matter for reproducibility: send now
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         self._check_open()
+        if self._silent:
+            return
         with self._lock:
             self._tags.update({k: _text(v) for k, v in tags.items()})
 
@@ -249,6 +328,44 @@ class ActiveRun:
         self._backend.add_run_input(self.id, project=self.project, dataset=name, version=dv.version)
         return dv
 
+    # --- checkpoints ---------------------------------------------------------------------------
+
+    def save_checkpoint(self, path: str | Path, *, step: int | None = None) -> Checkpoint:
+        """Store a file or a folder as the run's next checkpoint, content-addressed, with the
+        training ``step`` it holds and this process's attempt; returns the checkpoint.
+
+        The metrics logged so far are sent first, so whatever resumes from this checkpoint finds
+        them stored. An empty folder, a missing path, or a symlink pointing out of the folder is
+        refused, and nothing is recorded.
+        """
+        self._check_open()
+        if step is not None and (problem := step_problem(step)) is not None:
+            raise InvalidInputError(f"{problem}; nothing was saved", field="step")
+        self.flush()
+        return self._backend.save_checkpoint(
+            self.id, local_path=Path(path), step=step, attempt=self.attempt, project=self.project
+        )
+
+    def checkpoints(self) -> list[Checkpoint]:
+        """The run's checkpoints, oldest first."""
+        return self._backend.list_checkpoints(self.id, project=self.project)
+
+    def latest_checkpoint(self, dest: str | Path | None = None) -> Path | None:
+        """Restore the run's newest checkpoint and return where it is, or ``None`` when the run
+        has none (a first attempt).
+
+        A folder checkpoint's files are written under ``dest`` (files already there that the
+        checkpoint does not hold are left alone) and ``dest`` is returned; a file checkpoint is
+        written as ``dest/<its name>`` and that path is returned. Without ``dest``, a new
+        temporary folder is used (the caller removes it). Each file is verified against its
+        digest and written atomically; paths that would resolve outside ``dest`` are refused
+        before anything is written.
+        """
+        checkpoint = self._backend.latest_checkpoint(self.id, project=self.project)
+        if checkpoint is None:
+            return None
+        return restore_checkpoint(self._backend, checkpoint, dest)
+
     # --- lifecycle -----------------------------------------------------------------------------
 
     @property
@@ -278,7 +395,7 @@ class ActiveRun:
         points missing; the run is then left open (its heartbeat stops, so it ends up crashed)
         and the unsent points stay buffered, so calling ``finish()`` again retries them.
         """
-        if self._finished:
+        if self._finished or self._detached:
             return
         status = RunStatus(status)
         self._closing = True
@@ -303,9 +420,37 @@ class ActiveRun:
                 unstored=unsent + refused,
             ) from error
         self._raise_pending()
-        self._backend.finish_run(self.id, status=status, project=self.project)
+        if self._owner:  # a gang's other ranks leave the run to rank 0
+            self._backend.finish_run(self.id, status=status, project=self.project)
         self._finished = True
         _open_runs.discard(self)
+
+    def _flush_for_exit(self, timeout: float) -> int:
+        """Send what is buffered within ``timeout`` seconds and leave the run running (the next
+        attempt of the job re-attaches to it); returns how many points are left unsent."""
+        deadline = time.monotonic() + timeout
+        self._closing = True
+        self._stop.set()
+        self._wake.set()
+        # The signal may have interrupted this thread inside log(), holding the buffer's lock,
+        # while the sender waits for it: let go of it meanwhile, as Condition.wait does, and take
+        # it back before returning into the interrupted frame.
+        lock: Any = self._lock
+        saved = lock._release_save() if lock._is_owned() else None
+        try:
+            if self._thread is not threading.current_thread():
+                self._thread.join(timeout=max(0.0, deadline - time.monotonic()))
+            if self._send_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                try:
+                    self._send_all(max(0.0, deadline - time.monotonic()))
+                finally:
+                    self._send_lock.release()
+        finally:
+            if saved is not None:
+                lock._acquire_restore(saved)
+        self._detached = True
+        _open_runs.discard(self)
+        return self.pending
 
     def __enter__(self) -> ActiveRun:
         return self
@@ -327,6 +472,8 @@ class ActiveRun:
         self._beat()
         while not self._stop.is_set():
             beat_in = max(0.0, self._next_beat - time.monotonic())
+            if self._process is not None:
+                beat_in = min(beat_in, max(0.0, self._next_sample - time.monotonic()))
             if self._failures:  # back off; a full buffer does not make the server come back
                 backoff = min(MAX_BACKOFF_S, FIRST_BACKOFF_S * 2 ** (self._failures - 1))
                 self._stop.wait(min(backoff, beat_in))
@@ -335,9 +482,30 @@ class ActiveRun:
             self._wake.clear()
             if self._stop.is_set():
                 break
+            if self._process is not None and time.monotonic() >= self._next_sample:
+                self._sample_system()
             self._send()
             if time.monotonic() >= self._next_beat:
                 self._beat()
+
+    def _sample_system(self) -> None:
+        """Buffer this process's CPU use and resident memory (skipped while the buffer is full:
+        the sender never blocks on its own samples)."""
+        self._next_sample = time.monotonic() + self._system_interval
+        assert self._process is not None
+        try:
+            cpu = float(self._process.cpu_percent(None))
+            rss_mb = self._process.memory_info().rss / (1024 * 1024)
+        except psutil.Error:
+            return
+        now = time.time()
+        cpu_key, rss_key = self._system_keys
+        with self._room:
+            if len(self._buffer) + 2 > self._max_pending:
+                return
+            step, self._system_step = self._system_step, self._system_step + 1
+            self._buffer.append(Point(cpu_key, cpu, step, now))
+            self._buffer.append(Point(rss_key, rss_mb, step, now))
 
     def _send_all(self, timeout: float) -> None:
         """Send until nothing is left, retrying with backoff until ``timeout`` has passed."""
@@ -365,6 +533,11 @@ class ActiveRun:
                         self.id, metrics=[], params=params, tags=tags, project=self.project
                     )
                 except BaseException as exc:
+                    if not isinstance(exc, Exception):  # SystemExit from the SIGTERM handler
+                        with self._lock:
+                            self._params = {**params, **self._params}
+                            self._tags = {**tags, **self._tags}
+                        raise
                     if not _may_pass(exc):
                         self._error = exc  # a bad or conflicting param: the caller hears of it
                     else:
@@ -384,6 +557,9 @@ class ActiveRun:
                 try:
                     result = self._backend.log_batch(self.id, metrics=chunk, project=self.project)
                 except BaseException as exc:
+                    if not isinstance(exc, Exception):  # SystemExit from the SIGTERM handler
+                        self._put_back(chunk)
+                        raise
                     if _too_large(exc) and len(chunk) > 1:
                         self._batch = max(1, len(chunk) // 2)
                         self._put_back(chunk)
@@ -439,8 +615,27 @@ class ActiveRun:
             raise error
 
     def _check_open(self) -> None:
+        if self._detached:
+            raise InvalidStateError(
+                f"run {self.id} was left running for the job's next attempt (SIGTERM)"
+            )
         if self._finished or self._closing:
             raise InvalidStateError(f"run {self.id} is finished; start a new one with init()")
+
+
+def restore_checkpoint(
+    backend: Backend, checkpoint: Checkpoint, dest: str | Path | None = None
+) -> Path:
+    """Write ``checkpoint``'s files (verified) under ``dest`` (a new temp folder when None);
+    returns the folder, or for a file checkpoint the file."""
+    root = Path(dest) if dest is not None else Path(tempfile.mkdtemp(prefix="shipyard-ckpt-"))
+    root.mkdir(parents=True, exist_ok=True)
+    targets = [(entry, safe_join(root, entry.path, field="path")) for entry in checkpoint.files]
+    for entry, target in targets:
+        backend.download_blob(entry.digest, target, project=checkpoint.project)
+    if checkpoint.kind is CheckpointKind.FILE:
+        return root / checkpoint.files[0].path
+    return root
 
 
 def _may_pass(exc: BaseException) -> bool:
@@ -471,36 +666,109 @@ def init(
     tags: dict[str, Any] | None = None,
     client: Client | None = None,
     flush_interval: float = 1.0,
+    all_ranks: bool = False,
+    system_metrics: bool | None = None,
+    sigterm_timeout: float = DEFAULT_SIGTERM_TIMEOUT_S,
     **options: Any,
 ) -> ActiveRun:
     """Start (or, inside a job, attach to) a run and return it.
 
-    ``options`` go to :class:`ActiveRun` (``max_pending``, ``finish_timeout``,
-    ``heartbeat_interval``, ...).
+    Attached to a job's run (``SHIPYARD_RUN_ID``), automatic steps continue after the steps the
+    run has stored, ``run.attempt`` is ``SHIPYARD_ATTEMPT``, and in a gang only ``RANK`` 0 logs
+    (``all_ranks=True``: every rank does). Inside a job, a SIGTERM sends the buffered metrics
+    (for at most ``sigterm_timeout`` seconds) and exits 143 leaving the run running, and
+    ``system_metrics`` (default: on in a job, unless ``SHIPYARD_SYSTEM_METRICS=0``) samples
+    this process's CPU and memory. ``options`` go to :class:`ActiveRun` (``max_pending``,
+    ``finish_timeout``, ``heartbeat_interval``, ``system_interval``, ...).
     """
+    attempt = _env_int(ENV_ATTEMPT, default=1, least=1)
+    rank = _env_int(ENV_RANK, default=0, least=0)
+    in_job = bool(os.environ.get(ENV_JOB_ID))
+    if system_metrics is None:
+        off = os.environ.get(ENV_SYSTEM_METRICS, "").strip().lower() in ("0", "false", "no", "off")
+        system_metrics = in_job and not off
     client = client or Client()
     attach_to = os.environ.get(ENV_RUN_ID)
+    last_steps: dict[str, int] = {}
     if attach_to:
         run = client.backend.get_run(attach_to)
+        last_steps = client.backend.last_steps(run.id, project=run.project)
     else:
         run = client.backend.create_run(
             project=project or client.project,
             name=name,
             tags={k: _text(v) for k, v in (tags or {}).items()},
         )
+    gang_rank = bool(attach_to) and rank != 0  # other ranks of a gang share rank 0's run
     active = ActiveRun(
         client,
         run.id,
         project=run.project,
         name=run.name,
         flush_interval=flush_interval,
+        attempt=attempt,
+        last_steps=last_steps,
+        rank=rank,
+        silent=gang_rank and not all_ranks,
+        owner=not gang_rank,
+        system_metrics=system_metrics,
         **options,
     )
+    if in_job:
+        _install_sigterm_handler(sigterm_timeout)
     if attach_to and tags:
         active.set_tags(tags)
     if params:
         active.log_params(params)
     return active
+
+
+def _env_int(name: str, *, default: int, least: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = least - 1
+    if value < least:
+        raise InvalidInputError(
+            f"{name}={raw!r} must be a whole number, at least {least} (the job's executor sets "
+            "it; unset it to run outside a job)",
+            field=name,
+        )
+    return value
+
+
+_sigterm = {"installed": False, "timeout": DEFAULT_SIGTERM_TIMEOUT_S}
+
+
+def _install_sigterm_handler(timeout: float) -> None:
+    """Once per process, from the main thread (Python handles signals there only): on SIGTERM,
+    flush every open run within ``timeout`` seconds, leave them running, call the handler that
+    was installed before, then exit 143."""
+    _sigterm["timeout"] = timeout
+    if _sigterm["installed"] or threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        deadline = time.monotonic() + float(_sigterm["timeout"])
+        for run in list(_open_runs):
+            left = run._flush_for_exit(max(0.0, deadline - time.monotonic()))
+            note = f"; {left} metric point(s) could not be sent in time" if left else ""
+            print(
+                f"shipyard: SIGTERM: run {run.id} flushed and left running for the job's next "
+                f"attempt{note}",
+                file=sys.stderr,
+                flush=True,
+            )
+        if callable(previous):
+            previous(signum, frame)
+        raise SystemExit(SIGTERM_EXIT)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    _sigterm["installed"] = True
 
 
 def _text(value: Any) -> str:

@@ -16,6 +16,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
 
+from shipyard.domain.checkpoints import CheckpointKind
 from shipyard.domain.models import JobSpec, RejectedPoint, RunStatus
 from shipyard.domain.names import MAX_PATH_LEN, NAME_MAX_LEN, NAME_PATTERN, PATH_PATTERN
 
@@ -141,6 +142,15 @@ class LogArtifactRequest(Request):
     path: RelPath
     digest: Digest
     size: Size
+
+
+class RecordCheckpointRequest(Request):
+    """Record uploaded blobs as the run's next checkpoint (``tracking.checkpoints``)."""
+
+    files: list[NewFile] = Field(min_length=1, max_length=1_000_000)
+    kind: CheckpointKind = CheckpointKind.FOLDER
+    step: int | None = Field(default=None, ge=0, le=MAX_INT64)
+    attempt: int = Field(default=1, ge=1, le=MAX_VERSION)
 
 
 class AddRunInputRequest(Request):

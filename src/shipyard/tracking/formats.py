@@ -20,31 +20,46 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnx
-from google.protobuf.message import DecodeError
-from onnx import TensorProto
 
 from shipyard.domain.models import ModelSignature, ModelSignatureTensor
 from shipyard.errors import InvalidInputError
 
+if TYPE_CHECKING:
+    import onnx
+
+# onnx is imported on first use (``_onnx``): it costs ~1-2 s, and every SDK process (each job
+# that calls shipyard.init()) imports this module through the client, mostly never to parse a
+# model. The TensorProto.DataType / DataLocation numbers below are onnx's stable wire values.
+_FLOAT, _UINT8, _INT8, _UINT16, _INT16, _INT32, _INT64, _STRING, _BOOL = 1, 2, 3, 4, 5, 6, 7, 8, 9
+_FLOAT16, _DOUBLE, _UINT32, _UINT64, _BFLOAT16 = 10, 11, 12, 13, 16
+_LOCATION_DEFAULT, _LOCATION_EXTERNAL = 0, 1
+
+
+def _onnx() -> Any:
+    import onnx
+
+    return onnx
+
+
 # ONNX element type -> OIP v2 datatype.
 _ONNX_TO_OIP: dict[int, str] = {
-    TensorProto.FLOAT: "FP32",
-    TensorProto.DOUBLE: "FP64",
-    TensorProto.FLOAT16: "FP16",
-    TensorProto.BFLOAT16: "BF16",
-    TensorProto.INT8: "INT8",
-    TensorProto.INT16: "INT16",
-    TensorProto.INT32: "INT32",
-    TensorProto.INT64: "INT64",
-    TensorProto.UINT8: "UINT8",
-    TensorProto.UINT16: "UINT16",
-    TensorProto.UINT32: "UINT32",
-    TensorProto.UINT64: "UINT64",
-    TensorProto.BOOL: "BOOL",
-    TensorProto.STRING: "BYTES",
+    _FLOAT: "FP32",
+    _DOUBLE: "FP64",
+    _FLOAT16: "FP16",
+    _BFLOAT16: "BF16",
+    _INT8: "INT8",
+    _INT16: "INT16",
+    _INT32: "INT32",
+    _INT64: "INT64",
+    _UINT8: "UINT8",
+    _UINT16: "UINT16",
+    _UINT32: "UINT32",
+    _UINT64: "UINT64",
+    _BOOL: "BOOL",
+    _STRING: "BYTES",
 }
 
 # OIP v2 datatype -> numpy dtype, for the datatypes that can travel as JSON and feed ONNX Runtime.
@@ -115,7 +130,7 @@ def external_tensors(model: onnx.ModelProto) -> list[tuple[str, onnx.TensorProto
     return [
         (where, tensor)
         for where, tensor in _all_tensors(model)
-        if tensor.data_location == TensorProto.EXTERNAL or len(tensor.external_data) > 0
+        if tensor.data_location == _LOCATION_EXTERNAL or len(tensor.external_data) > 0
     ]
 
 
@@ -186,7 +201,7 @@ def bundle_onnx_file(path: str | Path, *, field: str = "local_path") -> bytes:
                 )
             tensor.raw_data = data
             del tensor.external_data[:]
-            tensor.data_location = TensorProto.DEFAULT
+            tensor.data_location = _LOCATION_DEFAULT
         content = model.SerializeToString()
     refuse_external_data(model, field=field)
     try:
@@ -211,8 +226,10 @@ def to_signature(spec: TensorSpec) -> ModelSignatureTensor:
 def _parse(model_bytes: bytes) -> onnx.ModelProto:
     if not isinstance(model_bytes, bytes | bytearray | memoryview) or len(model_bytes) == 0:
         raise InvalidInputError("the model is empty: expected serialised ONNX bytes", field="model")
+    from google.protobuf.message import DecodeError
+
     try:
-        model = onnx.load_model_from_string(bytes(model_bytes))
+        model = _onnx().load_model_from_string(bytes(model_bytes))
     except (DecodeError, ValueError) as exc:
         raise InvalidInputError(
             f"the model is not a valid ONNX file ({_first_line(exc)})", field="model"
@@ -244,7 +261,9 @@ def _spec(value: onnx.ValueInfoProto, kind: str) -> TensorSpec:
     tensor = value.type.tensor_type
     datatype = _ONNX_TO_OIP.get(tensor.elem_type)
     if datatype is None:
-        name = TensorProto.DataType.Name(tensor.elem_type) if tensor.elem_type else "UNDEFINED"
+        name = (
+            _onnx().TensorProto.DataType.Name(tensor.elem_type) if tensor.elem_type else "UNDEFINED"
+        )
         raise InvalidInputError(
             f"model {kind} {value.name!r} has element type {name}, which the Open Inference "
             "Protocol cannot carry",

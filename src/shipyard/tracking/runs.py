@@ -323,18 +323,41 @@ def metric_history(
         ]
 
 
+def last_steps(ctx: Context, *, run_id: str, project: str | None = None) -> dict[str, int]:
+    """The largest stored step of each of the run's metric keys: where a new attempt of the
+    run's job continues its automatic steps from. One indexed aggregate, no values read."""
+    with ctx.db.read() as s:
+        _require_for(ctx, s, run_id, project=project, need=Role.VIEWER)
+        rows = s.execute(
+            select(MetricRow.key, func.max(MetricRow.step))
+            .where(MetricRow.run_id == run_id)
+            .group_by(MetricRow.key)
+        ).all()
+        return {key: int(step) for key, step in rows}
+
+
 def log_artifact(
-    ctx: Context, *, run_id: str, path: str, digest: str, size: int, project: str | None = None
+    ctx: Context,
+    *,
+    run_id: str,
+    path: str,
+    digest: str,
+    size: int,
+    project: str | None = None,
+    after_end: bool = False,
 ) -> Artifact:
     """Record a stored blob as one of the run's artifacts, under a relative ``path``.
 
     Only a running run takes artifacts: once it has ended they are immutable, so what a model
-    version's lineage points at cannot be swapped afterwards.
+    version's lineage points at cannot be swapped afterwards. ``after_end`` (a job's declared
+    outputs, stored by its executor once the job's process - which may have finished the run -
+    is gone): an ended run still takes a path it does not hold yet, never a replacement.
     """
     validate_relative_path(path, field="path")
     with ctx.db.read() as s:
         row = _require_for(ctx, s, run_id, project=project, need=Role.EDITOR)
-        _require_running(row, doing="takes artifacts")
+        if not after_end:
+            _require_running(row, doing="takes artifacts")
         owner = _project_name(s, row.project_id)
     require_refs(ctx, project=owner, digests=[digest], field="digest")
     if not ctx.blobs.exists(digest):
@@ -348,13 +371,22 @@ def log_artifact(
         )
     with ctx.db.transaction() as s:
         row = _require_for(ctx, s, run_id, project=project, need=Role.EDITOR)
-        _require_running(row, doing="takes artifacts")
+        if not after_end:
+            _require_running(row, doing="takes artifacts")
         add_refs(s, project_pk=row.project_id, digests=[digest])
         existing = s.scalar(
             select(RunArtifactRow).where(
                 RunArtifactRow.run_id == run_id, RunArtifactRow.path == path
             )
         )
+        if existing is not None and row.status != RunStatus.RUNNING.value:
+            if existing.digest == digest and existing.size == size:
+                return Artifact(path=path, digest=digest, size=size)  # already there: a no-op
+            raise InvalidStateError(
+                f"run {run_id} is {row.status} and already has artifact {path!r}; an ended "
+                "run's artifacts are never replaced",
+                field="path",
+            )
         if existing is not None:
             existing.digest, existing.size = digest, size
         else:

@@ -9,7 +9,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
 
-from shipyard.domain.models import Artifact, MetricPoint, Run
+from shipyard.domain.checkpoints import Checkpoint
+from shipyard.domain.models import Artifact, FileEntry, MetricPoint, Run
 from shipyard.schemas import (
     AddRunInputRequest,
     CreateRunRequest,
@@ -18,9 +19,10 @@ from shipyard.schemas import (
     LogArtifactRequest,
     LogBatchRequest,
     LogBatchResponse,
+    RecordCheckpointRequest,
 )
 from shipyard.server.deps import PROJECT_PREFIX, Ctx, ProjectPath, name_path
-from shipyard.tracking import runs
+from shipyard.tracking import checkpoints, runs
 
 router = APIRouter(
     prefix=f"{PROJECT_PREFIX}/runs",
@@ -111,3 +113,36 @@ def log_artifact(
 @router.post("/{run_id}/inputs", status_code=204, response_class=Response)
 def add_input(project: ProjectPath, run_id: RunId, body: AddRunInputRequest, ctx: Ctx) -> None:
     runs.add_input(ctx, run_id=run_id, project=project, dataset=body.dataset, version=body.version)
+
+
+@router.get("/{run_id}/metric-steps")
+def last_steps(project: ProjectPath, run_id: RunId, ctx: Ctx) -> dict[str, int]:
+    """The largest stored step of each metric key (where a new attempt continues from)."""
+    return runs.last_steps(ctx, run_id=run_id, project=project)
+
+
+@router.post("/{run_id}/checkpoints", status_code=201, responses={409: {"model": ErrorBody}})
+def record_checkpoint(
+    project: ProjectPath, run_id: RunId, body: RecordCheckpointRequest, ctx: Ctx
+) -> Checkpoint:
+    """Record uploaded blobs (``PUT .../blobs/{digest}`` first) as the run's next checkpoint."""
+    return checkpoints.record_checkpoint(
+        ctx,
+        run_id=run_id,
+        project=project,
+        files=[FileEntry(path=f.path, digest=f.digest, size=f.size) for f in body.files],
+        kind=body.kind,
+        step=body.step,
+        attempt=body.attempt,
+    )
+
+
+@router.get("/{run_id}/checkpoints")
+def list_checkpoints(project: ProjectPath, run_id: RunId, ctx: Ctx) -> list[Checkpoint]:
+    return checkpoints.list_checkpoints(ctx, run_id=run_id, project=project)
+
+
+@router.get("/{run_id}/checkpoints/latest")
+def latest_checkpoint(project: ProjectPath, run_id: RunId, ctx: Ctx) -> Checkpoint | None:
+    """The newest checkpoint, or ``null`` when the run has none."""
+    return checkpoints.latest_checkpoint(ctx, run_id=run_id, project=project)
