@@ -1,0 +1,184 @@
+"""The Ray executor on a real Ray cluster (tests/compute/executors/conftest.py): what only Ray
+has - its address, its nodes, a node that dies - and the executor's own API."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+pytest.importorskip("ray")
+
+from shipyard import wiring
+from shipyard.compute import admission, jobs
+from shipyard.compute.executors.base import ExecutorUnavailableError, Launch, Observation
+from shipyard.compute.executors.ray import RayExecutor
+from shipyard.compute.policy.base import Placement, WorkerPlacement
+from shipyard.context import Context, new_id, open_context
+from shipyard.domain.models import Job, JobSpec, JobStatus, Resources
+from shipyard.settings import Settings
+from shipyard.store.engine import forget_database
+from shipyard.store.tables import JobRow
+from tests.conftest import free_port, wait_for
+
+
+def _launch(spec: JobSpec, *, attempt: int = 1) -> Launch:
+    job_id = new_id()
+    workers = getattr(spec, "workers", 1)
+    return Launch(
+        job_id=job_id,
+        project="demo",
+        attempt=attempt,
+        spec=spec,
+        placement=Placement(
+            job_id=job_id, workers=tuple(WorkerPlacement(node_id="any") for _ in range(workers))
+        ),
+        code_digest=None,
+        run_id=None,
+    )
+
+
+def _run(
+    executor: Any, ctx: Context, launch: Launch, timeout: float = 60
+) -> tuple[dict, Observation]:
+    ref = executor.launch(ctx, launch)
+
+    def done() -> Observation | None:
+        seen = executor.observe(ctx, {launch.job_id: ref}).get(launch.job_id)
+        return seen if seen is not None and seen.state != "running" else None
+
+    return ref, wait_for(done, timeout=timeout, interval=0.1, what="the Ray job to end")
+
+
+def test_a_job_runs_to_success_with_its_log(ray_executor: Any, ctx: Context) -> None:
+    spec = JobSpec(command=[sys.executable, "-c", "print('hello from ray')"])
+    launch = _launch(spec)
+    ref, seen = _run(ray_executor, ctx, launch)
+    assert seen.state == "finished" and seen.status == JobStatus.SUCCEEDED, seen
+    data, size = ray_executor.read_logs(ctx, launch.job_id, ref, offset=0, limit=10_000)
+    assert data == b"hello from ray\n" and size == len(data)
+
+
+def test_unreachable_address_names_it(ctx: Context) -> None:
+    port = free_port()
+    executor = RayExecutor(f"ray://127.0.0.1:{port}")
+    with pytest.raises(ExecutorUnavailableError, match=f"127.0.0.1:{port}"):
+        executor.nodes()
+    with pytest.raises(ExecutorUnavailableError, match=f"127.0.0.1:{port}"):
+        executor.launch(ctx, _launch(JobSpec(command=["true"])))
+
+
+def test_nodes_lists_the_declared_gpus(ray_executor: Any) -> None:
+    infos = [info for info in ray_executor.nodes() if info.node.healthy]
+    assert len(infos) >= 3
+    by_gpus = sorted(
+        infos, key=lambda i: (len(i.node.gpus), i.node.gpus[0].model if i.node.gpus else "")
+    )
+    head = by_gpus[0]
+    assert head.node.gpus == () and head.node.cpus == 2 and head.gpu_source == "none"
+    models = sorted(gpu.model for info in infos for gpu in info.node.gpus)
+    assert models[:4] == ["A100", "A100", "declared", "declared"]
+    a100 = next(i for i in infos if i.node.gpus and i.node.gpus[0].model == "A100")
+    assert [g.index for g in a100.node.gpus] == [0, 1]
+    assert a100.gpu_source == "declared" and a100.node.memory_mb == 4096 and a100.address
+    assert len(a100.node.id) == 56  # Ray's node id (hex)
+
+
+@pytest.mark.parametrize(
+    "url", ["ray://", "ray://head:notaport", "ray://head:0", "ray://:10001", "http://head:10001"]
+)
+def test_a_bad_ray_address_is_refused_naming_the_field(url: str) -> None:
+    from shipyard import wiring
+    from shipyard.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="ray://HOST:PORT") as info:
+        wiring.open_executor(url) if url.startswith("ray") else RayExecutor(url)
+    assert info.value.field == "executor"
+
+
+def test_jobs_on_a_node_that_dies_fail_naming_it_or_are_requeued(
+    ray_cluster: Any, ray_executor: Any, home: Path
+) -> None:
+    """The node is killed (its raylet and workers, as a machine that goes away) mid-job: its
+    job fails naming the node; a preemptible one goes back to the queue for another attempt."""
+    node = ray_cluster.add_node(num_cpus=2, num_gpus=2, resources={"accelerator_type:T4": 1.0})
+    ctx = open_context(Settings(home=home, executor=ray_executor.url), actor="tester")
+    try:
+        code = "import os, time; print('pid', os.getpid(), flush=True); time.sleep(120)"
+        resources = Resources(cpus=0.5, gpus=1, gpu_type="T4")
+        plain, preemptible = (
+            jobs.submit_job(
+                ctx,
+                project="p",
+                spec=JobSpec(
+                    command=[sys.executable, "-c", code], resources=resources, preemptible=pre
+                ),
+            )
+            for pre in (False, True)
+        )
+        for job in (plain, preemptible):
+            _drive(ctx, job.id, lambda j: "pid" in _log(ctx, j.id))
+        pid = int(_log(ctx, plain.id).split()[1])
+        node_id = node.node_id
+        with ctx.db.read() as s:
+            row = s.get(JobRow, plain.id)
+            assert row is not None and row.executor_ref["nodes"] == [node_id]
+        ray_cluster.cluster.remove_node(node, allow_graceful=False)
+        plain = _drive(ctx, plain.id, lambda j: j.status.finished)
+        assert plain.status is JobStatus.FAILED
+        assert node_id in plain.message and "lost" in plain.message, plain.message
+        # requeued for attempt 2 (not failed) - which then finds no T4 left: unschedulable
+        preemptible = _drive(ctx, preemptible.id, lambda j: j.attempt == 2)
+        assert preemptible.preemptions == 0  # lost, not preempted
+        assert node_id in preemptible.message or "no node has one" in preemptible.message, (
+            preemptible.message
+        )
+        wait_for(lambda: not psutil.pid_exists(pid), timeout=30, what="the job's process to end")
+    finally:
+        for job in jobs.list_jobs(ctx):
+            if not job.status.finished:
+                jobs.cancel_job(ctx, job_id=job.id)
+            # the dead node's folders (on a real cluster: that machine's disk)
+            for leftover in Path(tempfile.gettempdir()).glob(f"shipyard-ray-*/{job.id}-*"):
+                shutil.rmtree(leftover, ignore_errors=True)
+        wiring.close_executors()
+        forget_database(ctx.settings.database_url)
+
+
+def _drive(ctx: Context, job_id: str, until: Any, *, timeout: float = 120) -> Job:
+    def look() -> Job | None:
+        admission.step(ctx)
+        job = jobs.get_job(ctx, job_id=job_id)
+        return job if until(job) else None
+
+    try:
+        return wait_for(look, timeout=timeout, interval=0.1, what=f"job {job_id}")
+    except pytest.fail.Exception:
+        job = jobs.get_job(ctx, job_id=job_id)
+        pytest.fail(
+            f"job {job_id} is {job.status.value} (attempt {job.attempt}): {job.message!r}; "
+            f"log: {_log(ctx, job_id)!r}"
+        )
+
+
+def _log(ctx: Context, job_id: str) -> str:
+    return jobs.read_logs(ctx, job_id=job_id, limit=1_000_000)[0].decode()
+
+
+def test_ray_is_imported_only_when_the_executor_connects() -> None:
+    import subprocess
+
+    code = (
+        "import sys, shipyard\n"
+        "from shipyard import wiring\n"
+        "from shipyard.compute import admission, jobs\n"
+        "executor = wiring.open_executor('ray://127.0.0.1:1')\n"
+        "assert executor.name == 'ray'\n"
+        "assert 'ray' not in sys.modules, 'ray imported before use'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
