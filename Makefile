@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 	@# torch==2.13.0 is pinned so pip takes the CPU build on this machine's disk (pip.conf)
 	@echo "make: installing shipyard and its dependencies into $(VENV) (PyTorch CPU included;"
 	@echo "make: a few minutes the first time, then only when pyproject.toml changes)"
-	$(BIN)/python -m pip install --progress-bar off -e ".[demo,dev,postgres]" \
+	$(BIN)/python -m pip install --progress-bar off -e ".[demo,dev,postgres,ray]" \
 		| { grep --line-buffered -E '^(Collecting|Successfully)'; true; }
 	@echo "make: install done"
 	@rm -f $(VENV)/.installed-*; touch $(STAMP)
@@ -43,7 +43,7 @@ lint: $(STAMP)
 	$(BIN)/lint-imports --no-cache
 
 typecheck: $(STAMP)
-	$(BIN)/mypy src/shipyard/domain src/shipyard/compute/scheduler.py src/shipyard/errors.py
+	$(BIN)/mypy src/shipyard/domain src/shipyard/compute/policy src/shipyard/compute/admission.py src/shipyard/compute/records.py src/shipyard/wiring.py src/shipyard/errors.py
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e ".[bench]"

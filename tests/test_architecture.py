@@ -101,6 +101,7 @@ def test_the_contracts_catch_violations(tmp_path: Path) -> None:
         copy / "client" / "__init__.py": "import shipyard.server",  # SDK -> server
         copy / "settings.py": "import shipyard.store",  # below everything
         copy / "domain" / "jobs.py": "import sqlite3",  # I/O in the domain
+        copy / "compute" / "policy" / "base.py": "import time",  # a clock in a policy
     }
     for path, line in violations.items():
         path.write_text(path.read_text() + f"\n{line}  # injected by test_architecture\n")
@@ -112,6 +113,7 @@ def test_the_contracts_catch_violations(tmp_path: Path) -> None:
     assert f"Contracts: 0 kept, {len(CONTRACTS)} broken." in output, output
     assert "shipyard.store -> shipyard.security" in output
     assert "shipyard.domain.jobs -> sqlite3" in output
+    assert "shipyard.compute.policy.base -> time" in output
 
 
 def _top_level_imports(path: Path) -> set[str]:

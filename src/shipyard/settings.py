@@ -4,9 +4,11 @@
 and logs. ``SHIPYARD_URL`` switches the SDK and CLI to a server. ``SHIPYARD_DB`` and
 ``SHIPYARD_BLOBS`` pick other backends (``postgresql://…``, ``s3://…``). ``SHIPYARD_CPUS``,
 ``SHIPYARD_MEMORY_MB`` and ``SHIPYARD_GPUS`` declare what the local executor may hand out, like
-``ray start --num-cpus``; by default they are read off the machine. A server sets
-``SHIPYARD_SERVER_URL`` for its job supervisors; ``SHIPYARD_JOB_USER`` (default ``nobody``) and
-``SHIPYARD_JOB_ROOT`` say who a server running as root runs jobs as, and where their folders go.
+``ray start --num-cpus``; by default they are read off the machine (GPUs with NVML).
+``SHIPYARD_GPU_MODEL`` and ``SHIPYARD_GPU_MEMORY_MB`` name the model and memory of declared GPUs.
+A server sets ``SHIPYARD_SERVER_URL`` for its job supervisors; ``SHIPYARD_JOB_USER`` (default
+``nobody``) and ``SHIPYARD_JOB_ROOT`` say who a server running as root runs jobs as, and where
+their folders go.
 """
 
 from __future__ import annotations
@@ -31,6 +33,10 @@ ENV_JOB_ID = "SHIPYARD_JOB_ID"
 ENV_CPUS = "SHIPYARD_CPUS"
 ENV_MEMORY_MB = "SHIPYARD_MEMORY_MB"
 ENV_GPUS = "SHIPYARD_GPUS"
+# The model name and memory of GPUs declared with SHIPYARD_GPUS (shown by `shipyard nodes`).
+ENV_GPU_MODEL = "SHIPYARD_GPU_MODEL"
+ENV_GPU_MEMORY_MB = "SHIPYARD_GPU_MEMORY_MB"
+DEFAULT_GPU_MODEL = "declared"
 ENV_AUDIT_KEY_FILE = "SHIPYARD_AUDIT_KEY_FILE"
 ENV_AUDIT_HEAD_FILE = "SHIPYARD_AUDIT_HEAD_FILE"
 # Set by a server for the job supervisors it starts: the URL its jobs reach it on.
@@ -38,6 +44,12 @@ ENV_SERVER_URL = "SHIPYARD_SERVER_URL"
 # The unprivileged user a server running as root runs jobs as, and where their folders live.
 ENV_JOB_USER = "SHIPYARD_JOB_USER"
 ENV_JOB_ROOT = "SHIPYARD_JOB_ROOT"
+# Where admitted jobs run: "local" (this machine) or "ray://HOST:PORT" (shipyard.wiring).
+ENV_EXECUTOR = "SHIPYARD_EXECUTOR"
+DEFAULT_EXECUTOR = "local"
+# Seconds a preempted job gets between SIGTERM and SIGKILL (to save a checkpoint).
+ENV_PREEMPT_GRACE_S = "SHIPYARD_PREEMPT_GRACE_S"
+DEFAULT_PREEMPT_GRACE_S = 30.0
 DEFAULT_JOB_USER = "nobody"
 
 DEFAULT_PROJECT = "default"
@@ -54,6 +66,8 @@ class Settings:
     cpus: float | None = None
     memory_mb: int | None = None
     gpus: int | None = None
+    gpu_model: str = DEFAULT_GPU_MODEL  # of the GPUs ``gpus`` declares
+    gpu_memory_mb: int = 0
     # Where the audit chain's HMAC key and head anchor live (outside the database; jobs launched
     # by a server never see either). Default: $SHIPYARD_HOME/keys/audit.key and audit.head.
     audit_key_file: Path | None = None
@@ -63,6 +77,8 @@ class Settings:
     server_url: str | None = None
     job_user: str = DEFAULT_JOB_USER
     job_root: Path | None = None
+    executor: str = DEFAULT_EXECUTOR
+    preempt_grace_s: float = DEFAULT_PREEMPT_GRACE_S
     extra: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -95,6 +111,7 @@ class Settings:
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:
         env = dict(os.environ if env is None else env)
         home = Path(env.get(ENV_HOME) or Path.home() / ".shipyard").expanduser().absolute()
+        grace = _number(env, ENV_PREEMPT_GRACE_S, float)
         return cls(
             home=home,
             url=(env.get(ENV_URL) or None),
@@ -105,11 +122,15 @@ class Settings:
             cpus=_number(env, ENV_CPUS, float),
             memory_mb=_number(env, ENV_MEMORY_MB, int),
             gpus=_number(env, ENV_GPUS, int),
+            gpu_model=(env.get(ENV_GPU_MODEL) or "").strip() or DEFAULT_GPU_MODEL,
+            gpu_memory_mb=_number(env, ENV_GPU_MEMORY_MB, int) or 0,
             audit_key_file=_path(env, ENV_AUDIT_KEY_FILE),
             audit_head_file=_path(env, ENV_AUDIT_HEAD_FILE),
             server_url=(env.get(ENV_SERVER_URL) or None),
             job_user=env.get(ENV_JOB_USER) or DEFAULT_JOB_USER,
             job_root=Path(env[ENV_JOB_ROOT]).absolute() if env.get(ENV_JOB_ROOT) else None,
+            executor=(env.get(ENV_EXECUTOR) or "").strip() or DEFAULT_EXECUTOR,
+            preempt_grace_s=DEFAULT_PREEMPT_GRACE_S if grace is None else grace,
         )
 
 

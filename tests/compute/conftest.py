@@ -81,16 +81,14 @@ def _stop_everything(ctx: Context) -> None:
             .where(JobRow.status == JobStatus.QUEUED.value)
             .values(status=JobStatus.CANCELLED.value)
         )
-        every = s.execute(
-            select(
-                JobRow.id,
-                JobRow.status,
-                JobRow.supervisor_pid,
-                JobRow.supervisor_started,
-                JobRow.pid,
-            )
-        ).all()
-    for job_id, status, sup_pid, sup_started, pid in every:
+        every = s.execute(select(JobRow.id, JobRow.status, JobRow.executor_ref)).all()
+    for job_id, status, ref in every:
+        ref = ref or {}
+        sup_pid, sup_started, pid = (
+            ref.get("supervisor_pid"),
+            ref.get("supervisor_started"),
+            ref.get("pid"),
+        )
         if (
             status == JobStatus.RUNNING.value
             and sup_pid is not None

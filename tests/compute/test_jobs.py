@@ -13,7 +13,7 @@ import psutil
 import pytest
 from sqlalchemy import select
 
-from shipyard.compute import jobs
+from shipyard.compute import admission, jobs
 from shipyard.compute.processes import process_alive
 from shipyard.context import Context
 from shipyard.domain.models import Job, JobSpec, JobStatus, Resources
@@ -71,9 +71,9 @@ def on_record(ctx: Context, job_id: str) -> tuple[int, float, int]:
     """(supervisor pid, its start time, job pid) once the supervisor has recorded them."""
 
     def recorded() -> tuple[int, float, int] | None:
-        row = job_row(ctx, job_id)
-        if row.supervisor_pid and row.supervisor_started and row.pid:
-            return row.supervisor_pid, row.supervisor_started, row.pid
+        ref = job_row(ctx, job_id).executor_ref or {}
+        if ref.get("supervisor_pid") and ref.get("supervisor_started") and ref.get("pid"):
+            return ref["supervisor_pid"], ref["supervisor_started"], ref["pid"]
         return None
 
     return wait_for(recorded, what=f"job {job_id}'s processes on record")
@@ -218,9 +218,9 @@ def test_a_code_dir_over_the_budget_is_refused(cctx: Context, tmp_path: Path) ->
 def test_resources_beyond_the_machine_are_refused(make_ctx: MakeCtx) -> None:
     ctx = make_ctx(cpus=2, memory_mb=1000, gpus=2)
     for resources, what in [
-        (Resources(gpus=3), "3 GPUs (this machine has 2)"),
-        (Resources(cpus=4), "4 CPUs (this machine has 2)"),
-        (Resources(memory_mb=2000), "2000 MB of memory"),
+        (Resources(gpus=3), "needs 3 GPUs; the largest node ("),
+        (Resources(cpus=4), "needs 4 CPUs; the largest node ("),
+        (Resources(memory_mb=2000), "needs 2000 MB of memory; the largest node ("),
     ]:
         with pytest.raises(ResourceUnavailableError) as err:
             jobs.submit_job(ctx, project="p", spec=python_job("pass", resources=resources))
@@ -336,7 +336,7 @@ def test_kill_9_of_the_supervisor_fails_the_job_at_the_next_tick(
     os.kill(supervisor, signal.SIGKILL)
     wait_for(lambda: gone(supervisor), what="the supervisor to die")
     assert status_of(cctx, job.id) is JobStatus.RUNNING  # nobody has looked yet
-    jobs.tick(cctx)
+    admission.step(cctx)
     job = jobs.get_job(cctx, job_id=job.id)
     assert job.status is JobStatus.FAILED
     assert "supervisor lost" in job.message
@@ -356,9 +356,12 @@ def test_a_reused_supervisor_pid_does_not_keep_a_job_alive(cctx: Context, tmp_pa
     with cctx.db.transaction() as s:
         stored = s.get(JobRow, job.id)
         assert stored is not None
-        stored.supervisor_pid = os.getpid()
-        stored.supervisor_started = psutil.Process().create_time() - 1000
-    jobs.tick(cctx)
+        stored.executor_ref = {
+            **(stored.executor_ref or {}),
+            "supervisor_pid": os.getpid(),
+            "supervisor_started": psutil.Process().create_time() - 1000,
+        }
+    admission.step(cctx)
     assert status_of(cctx, job.id) is JobStatus.FAILED
     wait_for(lambda: gone(leader), timeout=10, what="the job's process to stop")
 
@@ -390,7 +393,7 @@ def test_admission_never_runs_more_than_the_cpus_allow(make_ctx: MakeCtx, tmp_pa
 
     def hammer() -> None:  # concurrent ticks must not admit a job twice
         while not stop.is_set():
-            jobs.tick(ctx)
+            admission.step(ctx)
 
     ticker = threading.Thread(target=hammer, daemon=True)
     ticker.start()
@@ -455,10 +458,11 @@ def test_a_queued_job_that_no_longer_fits_the_machine_fails_as_unschedulable(
     )
     assert waiting.status is JobStatus.QUEUED
     small = make_ctx(cpus=2)  # the machine was declared smaller meanwhile
-    jobs.tick(small)
+    admission.step(small)
     job = jobs.get_job(small, job_id=waiting.id)
     assert job.status is JobStatus.FAILED
-    assert "unschedulable" in job.message and "3 CPUs (this machine has 2)" in job.message
+    assert job.message.startswith("unschedulable: needs 3 CPUs; the largest node ("), job.message
+    assert job.message.endswith(") has 2")
     assert status_of(big, blocker.id) is JobStatus.RUNNING
     gate.touch()
     finished(big, blocker.id)

@@ -9,7 +9,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from shipyard.compute.resources import (
+from shipyard.compute.executors.local.resources import (
     detect_cpus,
     detect_gpus,
     detect_memory_mb,

@@ -91,6 +91,7 @@ def test_a_server_job_gets_an_allowlist_never_the_server_environment(tmp_path: P
         "SHIPYARD_JOB_ID": "j1",
         "SHIPYARD_PROJECT": "p",
         "SHIPYARD_RUN_ID": "r1",
+        "SHIPYARD_ATTEMPT": "1",
         "CUDA_VISIBLE_DEVICES": "",
         "PYTHONUNBUFFERED": "1",
     }

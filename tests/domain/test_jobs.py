@@ -19,6 +19,7 @@ ALLOWED = {
     (S.RUNNING, S.FAILED),
     (S.RUNNING, S.CANCELLED),
     (S.RUNNING, S.TIMED_OUT),
+    (S.RUNNING, S.QUEUED),  # requeued after a preemption or a lost node
 }
 ALL_PAIRS = list(itertools.product(JobStatus, JobStatus))
 

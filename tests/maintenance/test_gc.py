@@ -174,6 +174,7 @@ def test_every_kind_of_reference_is_kept(ctx: Context, tmp_path: Path) -> None:
                 gpus=0,
                 code_digest=code,
                 created_by="tester",
+                queue="default",
             )
         )
     (tmp_path / "d").mkdir()

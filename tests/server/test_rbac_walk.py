@@ -14,6 +14,7 @@ exists, so project names do not leak.
 from __future__ import annotations
 
 import re
+import socket
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from tests.server.conftest import TestClient
 API = "/api/v1"
 OWN, OTHER = "alpha", "beta"
 ROLES = ("viewer", "editor", "admin", "outsider", "job")
-RUN_WRITES = ("/log-batch", "/heartbeat", "/artifacts", "/inputs")
+RUN_WRITES = ("/log-batch", "/heartbeat", "/artifacts", "/inputs", "/checkpoints")
 
 
 @dataclass
@@ -121,6 +122,7 @@ def _fill(path: str, project: str, world: Fixture) -> str:
         "id": ids["run"],
         "principal": "spare",
         "token_id": world.spare_token,
+        "node_id": socket.gethostname(),  # the local executor's one node
     }
 
     def value(match: re.Match[str]) -> str:
@@ -132,6 +134,8 @@ def _fill(path: str, project: str, world: Fixture) -> str:
                 return "ds"
             if "/models/" in path:
                 return "m"
+            if "/queues/" in path:
+                return OWN  # a project's own queue
             return "nope"  # deployments: none exists
         return values[key]
 
@@ -159,6 +163,10 @@ def _body(method: str, path: str, project: str, world: Fixture) -> dict[str, Any
             "size": int(ids["size"]),
         },
         ("POST", "/runs/{run_id}/inputs"): {"dataset": "ds", "version": 1},
+        ("POST", "/runs/{run_id}/checkpoints"): {
+            "files": [{"path": "state.bin", "digest": ids["blob"], "size": int(ids["size"])}],
+            "step": 1,
+        },
         ("POST", "/models/{name}/versions"): {"digest": ids["model_blob"]},
         ("PUT", "/models/{name}/aliases/{alias}"): {"version": 1},
         ("POST", "/jobs"): {"spec": {"command": ["true"], "resources": {"gpus": 1024}}},
@@ -167,6 +175,7 @@ def _body(method: str, path: str, project: str, world: Fixture) -> dict[str, Any
         ("POST", API + "/projects"): {"name": "gamma"},
         ("POST", API + "/users"): {"name": "newcomer"},
         ("POST", API + "/tokens"): {"name": "walk"},
+        ("PUT", "/queues/{name}"): {"nominal": {"gpus": 1}},
     }
     for (m, suffix), body in bodies.items():
         if m == method and path.endswith(suffix):
@@ -205,6 +214,14 @@ UNSCOPED: dict[tuple[str, str], dict[str, int]] = {
     ("GET", "/api/v1/tokens"): dict.fromkeys(ROLES, 200),
     ("POST", "/api/v1/tokens"): {**dict.fromkeys(ROLES, 201), "job": 403},
     ("DELETE", "/api/v1/tokens/{token_id}"): dict.fromkeys(ROLES, 404),  # someone else's
+    # the cluster: anyone signed in reads nodes and queues; only server admins configure queues
+    ("GET", "/api/v1/nodes"): dict.fromkeys(ROLES, 200),
+    ("GET", "/api/v1/nodes/{node_id}"): dict.fromkeys(ROLES, 200),
+    ("GET", "/api/v1/queues"): dict.fromkeys(ROLES, 200),
+    # alpha's own queue: a member of nothing sees it as missing (project names do not leak)
+    ("GET", "/api/v1/queues/{name}"): {**dict.fromkeys(ROLES, 200), "outsider": 404},
+    ("PUT", "/api/v1/queues/{name}"): dict.fromkeys(ROLES, 403),
+    ("DELETE", "/api/v1/queues/{name}"): dict.fromkeys(ROLES, 403),
 }
 
 

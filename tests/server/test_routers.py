@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import select
 
 from shipyard.blobs import hash_bytes
-from shipyard.compute import jobs
+from shipyard.compute import admission, jobs
 from shipyard.compute.processes import process_alive
 from shipyard.context import Context
 from shipyard.domain.models import Job, JobSpec
@@ -312,7 +312,10 @@ def no_jobs_left(client: TestClient, ctx: Context) -> Iterator[None]:
             if job["status"] in ("queued", "running"):
                 client.post(f"{prefix}/jobs/{job['id']}/cancel")
     with ctx.db.read() as s:
-        supervisors = s.execute(select(JobRow.supervisor_pid, JobRow.supervisor_started)).all()
+        supervisors = [
+            ((ref or {}).get("supervisor_pid"), (ref or {}).get("supervisor_started"))
+            for ref in s.scalars(select(JobRow.executor_ref))
+        ]
     for pid, started in supervisors:
         if pid is not None:
             wait_for(
@@ -320,7 +323,7 @@ def no_jobs_left(client: TestClient, ctx: Context) -> Iterator[None]:
                 timeout=30,
                 what="supervisor exit",
             )
-    jobs.tick(ctx)  # reaps the exited supervisors this process started (the server's tick would)
+    admission.step(ctx)  # reaps the exited supervisors this process started (as a server)
 
 
 def test_jobs(client: TestClient, no_jobs_left: None) -> None:

@@ -27,7 +27,7 @@ from schemathesis.config import GenerationConfig
 from schemathesis.specs.openapi.checks import response_schema_conformance
 from sqlalchemy import select
 
-from shipyard.compute import jobs
+from shipyard.compute import admission, jobs
 from shipyard.compute.processes import process_alive
 from shipyard.context import Context
 from shipyard.domain.models import DeploymentStatus
@@ -145,7 +145,10 @@ def _stop_everything(ctx: Context) -> None:
         if job.status.value in ("queued", "running"):
             jobs.cancel_job(ctx, job_id=job.id, project=job.project)
     with ctx.db.read() as s:
-        supervisors = s.execute(select(JobRow.supervisor_pid, JobRow.supervisor_started)).all()
+        supervisors = [
+            ((ref or {}).get("supervisor_pid"), (ref or {}).get("supervisor_started"))
+            for ref in s.scalars(select(JobRow.executor_ref))
+        ]
         running = s.execute(
             select(DeploymentRow).where(
                 DeploymentRow.status.in_(
@@ -160,4 +163,4 @@ def _stop_everything(ctx: Context) -> None:
             wait_for(
                 lambda p=pid, t=started: not process_alive(p, t), timeout=30, what="supervisor exit"
             )
-    jobs.tick(ctx)
+    admission.step(ctx)

@@ -35,6 +35,7 @@ from shipyard.errors import (
     NotFoundError,
     storage_write_error,
 )
+from shipyard.wiring import blob_backend
 
 CHUNK = 1024 * 1024
 TMP_DIR = "tmp"
@@ -373,7 +374,8 @@ class BlobStore:
 
 
 def open_blobs(url: str) -> BlobStore:
-    return BlobStore(url)
+    store: BlobStore = blob_backend(url)(url)  # the class for its scheme: shipyard.wiring
+    return store
 
 
 def check_blob_url(url: str) -> str:

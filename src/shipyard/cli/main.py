@@ -23,14 +23,17 @@ from rich.table import Column, Table
 
 from shipyard.blobs.store import check_blob_url
 from shipyard.client import Client
+from shipyard.compute import sim as compute_sim
+from shipyard.compute.policy import POLICIES
 from shipyard.context import open_context
 from shipyard.demo.lifecycle import Reporter, follow_job, run_demo
-from shipyard.domain.models import JobStatus
+from shipyard.domain.models import Job, JobStatus, QuotaSpec
 from shipyard.errors import IntegrityError, InvalidInputError, ShipyardError, storage_fault
 from shipyard.maintenance.gc import DEFAULT_GRACE_S, collect_garbage
 from shipyard.security import principals as sec_principals
 from shipyard.security.tokens import create_token, list_tokens, parse_duration, revoke_token
-from shipyard.settings import ENV_BLOBS, ENV_DB, Settings
+from shipyard.settings import ENV_BLOBS, ENV_DB, ENV_EXECUTOR, Settings
+from shipyard.wiring import executor_scheme
 
 app = typer.Typer(
     help="shipyard: data, jobs, tracking, registry, serving - on your hardware.",
@@ -57,6 +60,14 @@ app.add_typer(projects_app, name="projects")
 app.add_typer(members_app, name="members")
 audit_app = typer.Typer(help="The audit log: list events, verify the chain.", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
+nodes_app = typer.Typer(
+    help="The cluster's nodes: CPUs, memory, GPUs, allocations.", no_args_is_help=True
+)
+queues_app = typer.Typer(
+    help="Queues: quotas, cohorts, usage and waiting jobs.", no_args_is_help=True
+)
+app.add_typer(nodes_app, name="nodes")
+app.add_typer(queues_app, name="queues")
 
 console = Console()
 err = Console(stderr=True)
@@ -90,6 +101,10 @@ def server(
     blobs: Annotated[
         str | None, typer.Option(help="Blob store URL (fsspec), e.g. s3://bucket/prefix.")
     ] = None,
+    executor: Annotated[
+        str | None,
+        typer.Option(help="Where jobs run: local (default) or ray://HOST:PORT (a Ray cluster)."),
+    ] = None,
 ) -> None:
     """Serve the REST API, /metrics and the web UI (on the embedded home unless --db/--blobs)."""
     args = [sys.executable, "-m", "shipyard.server", "--host", host, "--port", str(port)]
@@ -100,6 +115,10 @@ def server(
         env[ENV_DB] = db
     if blobs:
         env[ENV_BLOBS] = blobs
+    if executor:
+        env[ENV_EXECUTOR] = executor
+    if env.get(ENV_EXECUTOR):
+        executor_scheme(env[ENV_EXECUTOR])  # an unknown executor is one error line, here
     if env.get(ENV_BLOBS):
         check_blob_url(env[ENV_BLOBS])  # a missing backend (s3fs) is one error line, here
     os.execve(sys.executable, args, env)
@@ -261,15 +280,57 @@ def run(
     cpus: Annotated[float, typer.Option(help="CPUs to reserve.")] = 1.0,
     memory: Annotated[int, typer.Option("--memory", help="Memory to reserve, MB.")] = 512,
     gpus: Annotated[
-        int, typer.Option(help="GPUs to reserve (pinned via CUDA_VISIBLE_DEVICES).")
+        int, typer.Option(help="GPUs to reserve (pinned via CUDA_VISIBLE_DEVICES), per worker.")
     ] = 0,
-    priority: Annotated[int, typer.Option(help="Higher runs first.")] = 0,
+    priority: Annotated[
+        str, typer.Option(help="Higher runs first: an integer or low, normal, high, critical.")
+    ] = "0",
     max_runtime: Annotated[float | None, typer.Option(help="Kill after this many seconds.")] = None,
     name: Annotated[str | None, typer.Option(help="Job name.")] = None,
     detach: Annotated[bool, typer.Option("--detach", "-d", help="Do not follow the logs.")] = False,
+    workers: Annotated[
+        int, typer.Option(help="Workers started together (a gang); resources are per worker.")
+    ] = 1,
+    gpus_per_worker: Annotated[
+        int | None, typer.Option("--gpus-per-worker", help="Same as --gpus: GPUs per worker.")
+    ] = None,
+    gpu_type: Annotated[
+        str | None, typer.Option("--gpu-type", help="GPU model the GPUs must be (e.g. A100).")
+    ] = None,
+    gpu_fraction: Annotated[
+        float | None,
+        typer.Option("--gpu-fraction", help="A share of one GPU (0 < F < 1) instead of --gpus."),
+    ] = None,
+    gpu_memory: Annotated[
+        int | None,
+        typer.Option("--gpu-memory", help="GPU memory bound, MB (goes with --gpu-fraction)."),
+    ] = None,
+    preemptible: Annotated[
+        bool,
+        typer.Option(
+            "--preemptible", help="May be stopped (SIGTERM) and requeued for higher priority work."
+        ),
+    ] = False,
+    queue: Annotated[
+        str | None, typer.Option(help="Queue to wait in (default: the project's).")
+    ] = None,
+    output: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--output", help="A file or folder the job writes, kept as a run artifact (repeat)."
+        ),
+    ] = None,
     project: ProjectOpt = None,
 ) -> None:
     """Snapshot this folder and run COMMAND as a tracked job: shipyard run -- python train.py"""
+    if gpus_per_worker is not None:
+        if gpus and gpus != gpus_per_worker:
+            raise InvalidInputError(
+                f"--gpus {gpus} and --gpus-per-worker {gpus_per_worker} disagree; they are the "
+                "same option (GPUs per worker): give one",
+                field="gpus",
+            )
+        gpus = gpus_per_worker
     client = _client()
     tracked = client.backend.create_run(
         project=project or client.project, name=name, tags={"command": " ".join(command)[:200]}
@@ -285,8 +346,17 @@ def run(
         name=name,
         project=project,
         run_id=tracked.id,
+        workers=workers,
+        gpu_type=gpu_type,
+        gpu_fraction=gpu_fraction,
+        gpu_memory_mb=gpu_memory,
+        preemptible=preemptible,
+        queue=queue,
+        outputs=output or [],
     )
     err.print(f"job {job.id} {job.status.value} (run {tracked.id})")
+    if job.status is JobStatus.QUEUED and job.message:
+        err.print(f"  {job.message}", highlight=False, markup=False)
     if detach:
         console.print(job.id)
         return
@@ -302,8 +372,30 @@ def run(
         + f"  (wall {job.usage.wall_seconds:.1f}s, cpu {job.usage.cpu_seconds:.1f}s, "
         f"peak {job.usage.peak_memory_mb:.0f} MB)"
     )
+    if job.attempt > 1:
+        err.print(f"  attempts: {job.attempt} ({job.preemptions} preempted)")
+    for line in _outputs_summary(job, tracked.id):
+        err.print(line, highlight=False, markup=False)
     if job.status != JobStatus.SUCCEEDED:
         raise typer.Exit(1)
+
+
+def _outputs_summary(job: Job, run_id: str) -> list[str]:
+    """Where the job's files went: its stored outputs, and the folder the rest stay in."""
+    lines = []
+    if job.outputs:
+        shown = ", ".join(job.outputs[:10]) + (" ..." if len(job.outputs) > 10 else "")
+        lines.append(
+            f"outputs: {len(job.outputs)} file(s) stored as artifacts of run {run_id}: {shown}"
+        )
+    missing = [p for p in job.spec.outputs if not any(_under(o, p) for o in job.outputs)]
+    if missing:
+        lines.append(f"outputs not stored: {', '.join(missing)} (see the log above)")
+    return lines
+
+
+def _under(stored: str, declared: str) -> bool:
+    return stored == declared or stored.startswith(declared.rstrip("/") + "/")
 
 
 @jobs_app.command("list")
@@ -311,19 +403,51 @@ def jobs_list(
     status: Annotated[JobStatus | None, typer.Option(help="Only jobs in this state.")] = None,
     project: ProjectOpt = None,
 ) -> None:
-    """List jobs, newest first."""
-    table = Table("id", "name", "status", "gpus", "exit", "wall s", "created")
+    """List jobs, newest first (a queued job says why it waits)."""
+    table = Table(
+        "id",
+        "name",
+        "status",
+        "queue",
+        "attempt",
+        "placement",
+        "exit",
+        "wall s",
+        "created",
+        Column("waiting", overflow="fold"),
+    )
     for job in _client().jobs.list(project=project, status=status):
+        attempt = str(job.attempt) + (f" ({job.preemptions} preempted)" if job.preemptions else "")
+        queued = job.status is JobStatus.QUEUED or job.message.startswith("preempting")
+        note = job.message if queued else ""
         table.add_row(
             job.id,
             job.name,
             job.status.value,
-            ",".join(map(str, job.assigned_gpus)) or "-",
+            job.queue or "-",
+            attempt,
+            _placement_text(job.placement, job.assigned_gpus),
             "-" if job.exit_code is None else str(job.exit_code),
             f"{job.usage.wall_seconds:.1f}",
             _ago(job.created_at),
+            note,
         )
     console.print(table)
+
+
+def _placement_text(placement: list[dict[str, Any]], gpus: list[int]) -> str:
+    """Node and GPUs per rank: ``r0 vm:0,1 r1 vm:2`` (a share: ``vm:0x0.5``)."""
+    if not placement:
+        return ",".join(map(str, gpus)) or "-"
+    parts = []
+    for rank, worker in enumerate(placement):
+        devices = ",".join(str(g) for g in worker.get("gpus") or ())
+        share = float(worker.get("gpu_share") or 0.0)
+        where = str(worker.get("node_id") or "?") + (f":{devices}" if devices else "")
+        if share:
+            where += f"x{share:g}"
+        parts.append(where if len(placement) == 1 else f"r{rank} {where}")
+    return " ".join(parts)
 
 
 @jobs_app.command("show")
@@ -622,6 +746,127 @@ def _duration(text: str) -> float:
     return value
 
 
+# --- simulation -------------------------------------------------------------------------------
+
+
+@app.command("sim")
+def sim_command(
+    trace: Annotated[
+        Path, typer.Option(help="Trace CSV: timestamp,duration,num_gpus,cluster (e.g. philly.csv).")
+    ],
+    policy: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Policy to replay (repeatable): fifo, fifo-backfill, drf, las, srtf, default."
+        ),
+    ] = None,
+    load: Annotated[
+        list[float] | None,
+        typer.Option(
+            help="Offered load to reach, e.g. 0.9 (repeatable). Without --nodes the cluster is "
+            "sized for it; with --nodes submission times are scaled. Default: the trace as is."
+        ),
+    ] = None,
+    nodes: Annotated[
+        int | None, typer.Option(help="Nodes in the cluster (default 64, or sized for --load).")
+    ] = None,
+    gpus_per_node: Annotated[int, typer.Option(help="GPUs per node.")] = 8,
+    packing: Annotated[
+        str,
+        typer.Option(
+            help="nodes: a worker's GPUs on one node, jobs above a node take whole nodes; "
+            "count: GPUs counted cluster-wide."
+        ),
+    ] = "nodes",
+    jobs: Annotated[int | None, typer.Option(help="Only the first N jobs (a quick slice).")] = None,
+    start: Annotated[
+        str | None, typer.Option(help="Only jobs submitted from this time (2017-10-09 ...).")
+    ] = None,
+    end: Annotated[str | None, typer.Option(help="Only jobs submitted before this time.")] = None,
+    round_s: Annotated[float, typer.Option(help="Scheduling round period (simulated s).")] = 60.0,
+    restart_penalty: Annotated[
+        float, typer.Option(help="Seconds a preempted job loses on each restart.")
+    ] = 30.0,
+    declared_runtime: Annotated[
+        float | None,
+        typer.Option(help="Give every job max_runtime = K x its duration (backfill estimates)."),
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Write the results as JSON here.")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress lines on stderr.")] = False,
+) -> None:
+    """Replay a cluster trace through the admission policies in a discrete-event simulation."""
+    policies = policy or ["default"]
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown:
+        raise InvalidInputError(
+            f"unknown policy {unknown[0]!r}; use one of {', '.join(POLICIES)}", field="policy"
+        )
+    if packing not in compute_sim.PACKINGS:
+        raise InvalidInputError(
+            f"--packing {packing!r} is not one of {', '.join(compute_sim.PACKINGS)}",
+            field="packing",
+        )
+    for value in load or []:
+        if not value > 0:
+            raise InvalidInputError(
+                f"--load must be above 0 (0.9 = 90%), not {value}", field="load"
+            )
+    trace_jobs = compute_sim.load_trace(trace, start=start, end=end, jobs=jobs)
+    progress = None if quiet else (lambda line: err.print(line, highlight=False))
+    results = []
+    for target in load or [None]:
+        config = compute_sim.SimConfig(
+            nodes=nodes,
+            gpus_per_node=gpus_per_node,
+            packing=packing,  # type: ignore[arg-type]
+            load=target,
+            round_s=round_s,
+            restart_penalty_s=restart_penalty,
+            declared_runtime=declared_runtime,
+        )
+        for name in policies:
+            results.append(compute_sim.simulate(trace_jobs, name, config, progress=progress))
+    columns = "policy load nodes JCT-mean median p99 wait-mean makespan GPU-util max-rho"
+    headers = [c.replace("-", " ") for c in columns.split()]
+    table = Table(*headers, "queue rho", "starved", "preempt", "wall")
+    for r in results:
+        m = r.metrics
+        table.add_row(
+            r.policy,
+            f"{r.cluster['offered_load']:.0%}",
+            f"{r.cluster['nodes']}x{gpus_per_node}",
+            _hours(m.get("jct_mean_s")),
+            _hours(m.get("jct_median_s")),
+            _hours(m.get("jct_p99_s")),
+            _hours(m.get("wait_mean_s")),
+            _hours(m.get("makespan_s")),
+            f"{m['gpu_utilisation']:.0%}" if m.get("gpu_utilisation") is not None else "-",
+            f"{m['rho_max']:,.0f}" if "rho_max" in m else "-",
+            f"{m['queue_rho_max']:.2f}" if "queue_rho_max" in m else "-",
+            str(m.get("starved_24h", "-")),
+            str(m.get("preemptions", 0)),
+            f"{r.perf['wall_s']:.0f}s",
+        )
+    console.print(table)
+    console.print(
+        f"{len(trace_jobs)} jobs, packing {packing}; times in hours; rho = JCT / time on the "
+        "job's fair share (shipyard.compute.sim)",
+        highlight=False,
+    )
+    if out is not None:
+        document = {
+            "trace": str(trace),
+            "jobs": len(trace_jobs),
+            "results": [r.to_dict() for r in results],
+        }
+        out.write_text(json.dumps(document, indent=2) + "\n")
+        console.print(f"wrote {out}", highlight=False)
+
+
+def _hours(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds / 3600:,.2f}h"
+
+
 # --- tokens -----------------------------------------------------------------------------------
 
 
@@ -796,6 +1041,207 @@ def audit_verify() -> None:
         )
     legacy = f" ({result.legacy_through} from before the key)" if result.legacy_through else ""
     console.print(f"audit chain ok: {result.events} events{legacy}, anchored at {result.head_seq}")
+
+
+# --- cluster: nodes and queues -----------------------------------------------------------------
+
+
+@nodes_app.command("list")
+def nodes_list() -> None:
+    """Every node: CPUs, memory and GPUs (allocated / total), its jobs, whether it is healthy."""
+    table = Table("id", "healthy", "CPUs", "memory MB", "GPUs", "jobs", "message")
+    for n in _client().nodes.list():
+        table.add_row(
+            escape(n.id),
+            "yes" if n.healthy else "[red]no[/red]",
+            f"{n.allocated_cpus:g}/{n.cpus:g}",
+            f"{n.allocated_memory_mb}/{n.memory_mb}",
+            escape(_gpus_text(n.gpus, n.gpu_source)),
+            escape(", ".join(n.jobs)) or "-",
+            escape(n.message),
+        )
+    console.print(table)
+
+
+@nodes_app.command("show")
+def nodes_show(node_id: str) -> None:
+    """One node: its GPUs (index, model, memory) and what is allocated to which jobs."""
+    n = _client().nodes.get(node_id)
+    health = "healthy" if n.healthy else "UNHEALTHY"
+    console.print(
+        f"node {escape(n.id)} ({escape(n.hostname or '-')}, {escape(n.address or '-')}): {health}",
+        highlight=False,
+    )
+    if n.message:
+        console.print(f"  {escape(n.message)}", highlight=False)
+    console.print(
+        f"  CPUs {n.allocated_cpus:g}/{n.cpus:g} allocated, memory {n.allocated_memory_mb}/"
+        f"{n.memory_mb} MB, GPUs from {n.gpu_source}, jobs: {escape(', '.join(n.jobs)) or '-'}",
+        highlight=False,
+    )
+    table = Table("index", "model", "memory MB", "allocated", "jobs")
+    for g in n.gpus:
+        table.add_row(
+            str(g.index),
+            escape(g.model),
+            str(g.memory_mb),
+            f"{g.allocated:g}",
+            escape(", ".join(g.jobs)) or "-",
+        )
+    console.print(table)
+
+
+@queues_app.command("list")
+def queues_list() -> None:
+    """Every queue: usage / nominal quota, borrowed capacity, running and waiting jobs."""
+    table = Table(
+        "queue", "cohort", "weight", "GPUs", "CPUs", "memory MB", "borrowed", "running", "waiting"
+    )
+    for q in _client().queues.list():
+        table.add_row(
+            escape(q.name) + ("" if q.configured else " [dim](default)[/dim]"),
+            escape(q.cohort or "-"),
+            f"{q.weight:g}",
+            _used_of(q.usage.gpus, q.nominal.gpus),
+            _used_of(q.usage.cpus, q.nominal.cpus),
+            _used_of(q.usage.memory_mb, q.nominal.memory_mb),
+            _borrowed_text(q.borrowed),
+            str(q.running_count),
+            str(len(q.waiting)),
+        )
+    console.print(table)
+
+
+@queues_app.command("show")
+def queues_show(name: str) -> None:
+    """One queue: its quota, usage and borrowed capacity, and its waiting jobs in order."""
+    q = _client().queues.get(name)
+    _print_queue(q)
+
+
+@queues_app.command("set")
+def queues_set(
+    name: str,
+    gpus: Annotated[
+        float | None, typer.Option(help="Nominal GPUs (unlimited if left out).")
+    ] = None,
+    cpus: Annotated[float | None, typer.Option(help="Nominal CPUs.")] = None,
+    memory: Annotated[int | None, typer.Option("--memory", help="Nominal memory, MB.")] = None,
+    gpu_model: Annotated[
+        list[str] | None,
+        typer.Option("--gpu-model", help="GPUs of one model, MODEL=N (repeatable), e.g. A100=4."),
+    ] = None,
+    cohort: Annotated[str | None, typer.Option(help="The cohort it borrows and lends in.")] = None,
+    borrow_gpus: Annotated[
+        float | None, typer.Option(help="At most this many GPUs borrowed.")
+    ] = None,
+    borrow_cpus: Annotated[
+        float | None, typer.Option(help="At most this many CPUs borrowed.")
+    ] = None,
+    borrow_memory: Annotated[
+        int | None, typer.Option("--borrow-memory", help="At most this much memory borrowed, MB.")
+    ] = None,
+    weight: Annotated[float, typer.Option(help="Fair-share weight (1 = an equal share).")] = 1.0,
+) -> None:
+    """Create or replace queue NAME's quota (server admins). A quota below what it uses now
+    lets its running jobs run on; new ones wait."""
+    q = _client().queues.set(
+        name,
+        nominal=QuotaSpec(
+            gpus=gpus, cpus=cpus, memory_mb=memory, gpus_by_model=_gpu_models(gpu_model or [])
+        ),
+        cohort=cohort,
+        borrowing_limit=QuotaSpec(gpus=borrow_gpus, cpus=borrow_cpus, memory_mb=borrow_memory),
+        weight=weight,
+    )
+    console.print(f"queue {escape(q.name)} set", highlight=False)
+    _print_queue(q)
+
+
+@queues_app.command("delete")
+def queues_delete(name: str) -> None:
+    """Remove queue NAME's configuration (server admins): it is unlimited again."""
+    _client().queues.delete(name)
+    console.print(f"queue {escape(name)} deleted", highlight=False)
+
+
+def _print_queue(q: Any) -> None:
+    where = f", cohort {q.cohort}" if q.cohort else ""
+    kind = "" if q.configured else " (a project's default queue: unlimited)"
+    console.print(
+        f"queue {escape(q.name)}{kind}{escape(where)}, weight {q.weight:g}", highlight=False
+    )
+    table = Table("", "GPUs", "CPUs", "memory MB")
+    table.add_row("used", f"{q.usage.gpus:g}", f"{q.usage.cpus:g}", str(q.usage.memory_mb))
+    table.add_row(
+        "nominal", _limit(q.nominal.gpus), _limit(q.nominal.cpus), _limit(q.nominal.memory_mb)
+    )
+    table.add_row(
+        "borrowing limit",
+        _limit(q.borrowing_limit.gpus),
+        _limit(q.borrowing_limit.cpus),
+        _limit(q.borrowing_limit.memory_mb),
+    )
+    table.add_row(
+        "borrowed", f"{q.borrowed.gpus:g}", f"{q.borrowed.cpus:g}", str(q.borrowed.memory_mb)
+    )
+    console.print(table)
+    for model, quota in sorted(q.nominal.gpus_by_model.items()):
+        used = q.gpus_by_model.get(model, 0.0)
+        console.print(f"  {escape(model)} GPUs: {used:g}/{quota:g}", highlight=False)
+    if q.message:
+        console.print(f"  [yellow]{escape(q.message)}[/yellow]", highlight=False)
+    console.print(
+        f"  running: {q.running_count}" + (f" ({', '.join(q.running)})" if q.running else ""),
+        highlight=False,
+    )
+    if q.waiting:
+        waiting = Table("position", "job", "project", "reason")
+        for w in q.waiting:
+            waiting.add_row(
+                str(w.position), w.job_id or "(hidden)", escape(w.project or "-"), escape(w.reason)
+            )
+        console.print(waiting)
+    else:
+        console.print("  waiting: none", highlight=False)
+
+
+def _gpu_models(pairs: list[str]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for pair in pairs:
+        model, sep, count = pair.rpartition("=")
+        try:
+            value = float(count) if sep and model.strip() else None
+        except ValueError:
+            value = None
+        if value is None:
+            raise InvalidInputError(
+                f"--gpu-model {pair!r} is not MODEL=N (e.g. --gpu-model A100=4)", field="gpu-model"
+            )
+        out[model.strip()] = value
+    return out
+
+
+def _gpus_text(gpus: Any, source: str) -> str:
+    if not gpus:
+        return f"0 ({source})"
+    used = sum(g.allocated for g in gpus)
+    models = sorted({g.model for g in gpus})
+    return f"{used:g}/{len(gpus)} {', '.join(models)}"
+
+
+def _used_of(used: float, quota: float | None) -> str:
+    return f"{used:g}/{_limit(quota)}"
+
+
+def _limit(quota: float | None) -> str:
+    return "∞" if quota is None else f"{quota:g}"
+
+
+def _borrowed_text(b: Any) -> str:
+    parts = [f"{b.gpus:g} GPUs" if b.gpus else "", f"{b.cpus:g} CPUs" if b.cpus else ""]
+    parts.append(f"{b.memory_mb} MB" if b.memory_mb else "")
+    return ", ".join(p for p in parts if p) or "-"
 
 
 def main() -> None:

@@ -12,15 +12,20 @@ from __future__ import annotations
 
 import builtins
 import io
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
+from pydantic import ValidationError
 
 from shipyard.client.backend import Backend, Progress
 from shipyard.client.http import HttpBackend
 from shipyard.client.local import LocalBackend
+from shipyard.compute.policy.base import priority_value
+from shipyard.compute.snapshot import code_source
 from shipyard.context import open_context
 from shipyard.domain.models import (
     Dataset,
@@ -31,6 +36,9 @@ from shipyard.domain.models import (
     JobSpec,
     JobStatus,
     ModelVersion,
+    NodeView,
+    QueueView,
+    QuotaSpec,
     RegisteredModel,
     Resources,
     Run,
@@ -57,6 +65,8 @@ class Client:
         self.models = ModelsClient(self)
         self.jobs = JobsClient(self)
         self.deployments = DeploymentsClient(self)
+        self.nodes = NodesClient(self)
+        self.queues = QueuesClient(self)
 
     @property
     def is_remote(self) -> bool:
@@ -190,21 +200,51 @@ class JobsClient(_Resource):
         cpus: float = 1.0,
         memory_mb: int = 512,
         gpus: int = 0,
-        priority: int = 0,
+        priority: int | str = 0,
         max_runtime_s: float | None = None,
         env: dict[str, str] | None = None,
         name: str | None = None,
         project: str | None = None,
         run_id: str | None = None,
+        workers: int = 1,
+        gpu_type: str | None = None,
+        gpu_fraction: float | None = None,
+        gpu_memory_mb: int | None = None,
+        preemptible: bool = False,
+        queue: str | None = None,
+        outputs: Sequence[str] = (),
     ) -> Job:
-        spec = JobSpec(
-            command=command,
-            env=env or {},
-            resources=Resources(cpus=cpus, memory_mb=memory_mb, gpus=gpus),
-            priority=priority,
-            max_runtime_s=max_runtime_s,
-            name=name,
-        )
+        """Submit ``command`` as a job. Resources are per worker (``workers`` > 1: a gang, all
+        started together); ``priority`` is an integer or a class (low, normal, high, critical);
+        ``outputs`` are paths in the job's folder stored as artifacts of its run when it ends."""
+        try:
+            level = priority_value(priority)
+        except ValueError as exc:
+            raise InvalidInputError(str(exc), field="priority") from None
+        try:
+            spec = JobSpec(
+                command=command,
+                env=env or {},
+                resources=_job_resources(
+                    cpus=cpus,
+                    memory_mb=memory_mb,
+                    gpus=gpus,
+                    gpu_type=gpu_type,
+                    gpu_fraction=gpu_fraction,
+                    gpu_memory_mb=gpu_memory_mb,
+                ),
+                priority=level,
+                max_runtime_s=max_runtime_s,
+                name=name,
+                workers=workers,
+                preemptible=preemptible,
+                queue=queue,
+                outputs=list(outputs),
+            )
+        except ValidationError as exc:
+            raise _invalid_spec(exc) from None
+        if code_dir and spec.source is None:  # where the code comes from (git commit, dirty)
+            spec = spec.model_copy(update={"source": code_source(Path(code_dir))})
         return self._b.submit_job(
             project=self._project(project),
             spec=spec,
@@ -257,3 +297,72 @@ class DeploymentsClient(_Resource):
 
     def stop(self, name: str, *, project: str | None = None) -> Deployment:
         return self._b.stop_deployment(project=self._project(project), name=name)
+
+
+class NodesClient(_Resource):
+    """The cluster's nodes (not per project): what each has and what is allocated there."""
+
+    def list(self) -> builtins.list[NodeView]:
+        return self._b.list_nodes()
+
+    def get(self, node_id: str) -> NodeView:
+        return self._b.get_node(node_id)
+
+
+class QueuesClient(_Resource):
+    """Queues with quotas (not per project; a project's own queue is named like it).
+
+    ``set`` and ``delete`` are for server admins. A quota given as a dict or ``QuotaSpec``
+    (``{"gpus": 8, "gpus_by_model": {"A100": 4}}``); a resource left out is unlimited.
+    """
+
+    def list(self) -> builtins.list[QueueView]:
+        return self._b.list_queues()
+
+    def get(self, name: str) -> QueueView:
+        return self._b.get_queue(name)
+
+    def set(
+        self,
+        name: str,
+        *,
+        nominal: QuotaSpec | dict[str, object] | None = None,
+        cohort: str | None = None,
+        borrowing_limit: QuotaSpec | dict[str, object] | None = None,
+        weight: float = 1.0,
+    ) -> QueueView:
+        return self._b.set_queue(
+            name,
+            nominal=_quota(nominal),
+            cohort=cohort,
+            borrowing_limit=_quota(borrowing_limit),
+            weight=weight,
+        )
+
+    def delete(self, name: str) -> None:
+        self._b.delete_queue(name)
+
+
+def _job_resources(**values: Any) -> Resources:
+    try:
+        return Resources(**values)
+    except ValidationError as exc:
+        raise _invalid_spec(exc, prefix="resources.") from None
+
+
+def _invalid_spec(exc: ValidationError, *, prefix: str = "") -> InvalidInputError:
+    """A job spec the model refuses: the first problem, naming its field (e.g. resources.gpus)."""
+    first = exc.errors()[0]
+    where = prefix + ".".join(str(part) for part in first.get("loc", ()))
+    return InvalidInputError(f"{where or 'spec'}: {first.get('msg', exc)}", field=where or "spec")
+
+
+def _quota(quota: QuotaSpec | dict[str, object] | None) -> QuotaSpec:
+    if quota is None:
+        return QuotaSpec()
+    if isinstance(quota, QuotaSpec):
+        return quota
+    try:
+        return QuotaSpec.model_validate(quota)
+    except ValueError as exc:
+        raise InvalidInputError(f"not a quota: {exc}", field="quota") from None

@@ -9,14 +9,16 @@ machine, so it gets:
 - an allowlisted environment (:func:`job_env`): ``PATH``, the locale (``LANG``, ``LANGUAGE``,
   ``LC_*``), ``TZ``, its own ``HOME`` and ``TMPDIR``, what its spec names, and shipyard's
   ``SHIPYARD_URL``, ``SHIPYARD_TOKEN`` (a job-scoped token, revoked when the job ends),
-  ``SHIPYARD_JOB_ID``, ``SHIPYARD_RUN_ID``, ``SHIPYARD_PROJECT`` - never the server's own
-  variables (cloud credentials, ``SHIPYARD_DB``, ``SHIPYARD_HOME``, ``SHIPYARD_BLOBS``);
+  ``SHIPYARD_JOB_ID``, ``SHIPYARD_RUN_ID``, ``SHIPYARD_PROJECT``, ``SHIPYARD_ATTEMPT`` (and,
+  for a share of a GPU, ``SHIPYARD_GPU_FRACTION`` / ``SHIPYARD_GPU_MEMORY_MB``) - never the
+  server's own variables (cloud credentials, ``SHIPYARD_DB``, ``SHIPYARD_HOME``,
+  ``SHIPYARD_BLOBS``);
 - when the server runs as root, an unprivileged user (``SHIPYARD_JOB_USER``, default
   ``nobody``; :func:`resolve_job_user`) and a folder of its own outside the server's home
   (``SHIPYARD_JOB_ROOT``, default ``$TMPDIR/shipyard-jobs-<uid>``, mode 0711 so no job can list
   the others), since the home - database and blobs included - is readable by the server's user
-  only. Its output log stays in the server's home: the supervisor opens it and hands the job the
-  open file, so the job can write its log without being able to read anything else there.
+  only. Its output log stays in the server's home: the supervisor copies the job's output pipes
+  into it, so the job can write its log without being able to read anything else there.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from shipyard.settings import (
     ENV_AUDIT_KEY_FILE,
     ENV_BLOBS,
     ENV_DB,
+    ENV_GPU_MEMORY_MB,
     ENV_HOME,
     ENV_JOB_ID,
     ENV_JOB_ROOT,
@@ -62,6 +65,9 @@ SERVER_ONLY = (
     ENV_AUDIT_KEY_FILE,
     ENV_AUDIT_HEAD_FILE,
 )
+# Set for every job: which attempt of it this is; and for a job holding a share of a GPU.
+ENV_ATTEMPT = "SHIPYARD_ATTEMPT"
+ENV_GPU_FRACTION = "SHIPYARD_GPU_FRACTION"
 JOB_ROOT_MODE = 0o711
 JOB_DIR_MODE = 0o700
 
@@ -74,6 +80,10 @@ class LaunchedJob:
     project: str
     run_id: str | None
     gpus: list[int]
+    attempt: int = 1  # SHIPYARD_ATTEMPT: 1 for the first start, +1 after each requeue
+    # A share of one GPU (its device in ``gpus``): SHIPYARD_GPU_FRACTION / SHIPYARD_GPU_MEMORY_MB.
+    gpu_fraction: float | None = None
+    gpu_memory_mb: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -128,7 +138,14 @@ def job_env(
         env[ENV_RUN_ID] = job.run_id
     else:
         env.pop(ENV_RUN_ID, None)
+    env[ENV_ATTEMPT] = str(job.attempt)
     env["CUDA_VISIBLE_DEVICES"] = ",".join(str(gpu) for gpu in job.gpus)
+    # Only a job holding a share of a GPU gets these (never our own declared device memory).
+    env.pop(ENV_GPU_FRACTION, None)
+    env.pop(ENV_GPU_MEMORY_MB, None)
+    if job.gpu_fraction:
+        env[ENV_GPU_FRACTION] = f"{job.gpu_fraction:g}"
+        env[ENV_GPU_MEMORY_MB] = str(job.gpu_memory_mb or 0)
     env["PYTHONUNBUFFERED"] = "1"
     return env
 

@@ -10,7 +10,10 @@ import enum
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from shipyard.domain.names import validate_relative_path
+from shipyard.errors import ShipyardError
 
 
 class Model(BaseModel):
@@ -200,19 +203,80 @@ FINISHED_JOB_STATUSES = frozenset(
 )
 
 
+MAX_WORKERS = 256
+
+
 class Resources(Model):
+    """What ONE worker of a job asks for (a gang of ``workers`` asks for that many times it)."""
+
     cpus: float = Field(default=1.0, gt=0, le=4096)
     memory_mb: int = Field(default=512, ge=1, le=16 * 1024 * 1024)
     gpus: int = Field(default=0, ge=0, le=1024)
+    # A device model the GPUs must be ("A100": the model name contains it, case-insensitively).
+    gpu_type: str | None = Field(default=None, min_length=1, max_length=128)
+    # A share of one GPU instead of whole ones (0 < f < 1, only with gpus == 0), with a bound on
+    # the device memory it may use.
+    gpu_fraction: float | None = Field(default=None, gt=0, lt=1)
+    gpu_memory_mb: int | None = Field(default=None, ge=0, le=16 * 1024 * 1024)
+
+    @field_validator("gpu_fraction")
+    @classmethod
+    def _fraction_without_whole_gpus(
+        cls, value: float | None, info: ValidationInfo
+    ) -> float | None:
+        if value is not None and info.data.get("gpus"):
+            raise ValueError(
+                "gpu_fraction asks for a share of one GPU; it cannot be combined with gpus > 0 "
+                "(ask for whole GPUs or for a fraction, not both)"
+            )
+        return value
+
+    @property
+    def gpu_units(self) -> float:
+        """GPUs this worker counts against quotas: whole ones, or its fraction."""
+        return float(self.gpus) if self.gpus else float(self.gpu_fraction or 0.0)
+
+
+class CodeSource(Model):
+    """Where a job's code snapshot came from (filled in at submit when there is a repository)."""
+
+    git_commit: str | None = Field(default=None, max_length=64, pattern=r"^[0-9a-f]{7,64}$")
+    git_dirty: bool | None = None
+    ignored_files: int = Field(default=0, ge=0, le=1_000_000_000)
 
 
 class JobSpec(Model):
     command: list[str] = Field(min_length=1)
     env: dict[str, str] = Field(default_factory=dict)
-    resources: Resources = Field(default_factory=Resources)
+    resources: Resources = Field(default_factory=Resources)  # per worker
     priority: int = Field(default=0, ge=-1000, le=1000)
     max_runtime_s: float | None = Field(default=None, gt=0)
     name: str | None = None
+    # A gang when > 1: all workers start together or none does; resources are per worker.
+    workers: int = Field(default=1, ge=1, le=MAX_WORKERS)
+    # May be stopped (SIGTERM, grace, SIGKILL) and requeued for higher-priority work.
+    preemptible: bool = False
+    queue: str | None = Field(default=None, min_length=1, max_length=128)  # None: the project's
+    # Relative paths in the job's folder that become artifacts of its run when it ends.
+    outputs: list[str] = Field(default_factory=list, max_length=256)
+    source: CodeSource | None = None
+
+    @field_validator("outputs")
+    @classmethod
+    def _relative_outputs(cls, value: list[str]) -> list[str]:
+        for path in value:
+            try:
+                validate_relative_path(path, field="outputs")
+            except ShipyardError as exc:
+                raise ValueError(exc.message) from None
+        if len(set(value)) != len(value):
+            raise ValueError("outputs names a path twice")
+        return value
+
+    @property
+    def gpu_units(self) -> float:
+        """GPUs the whole job counts against quotas: workers x (gpus or fraction)."""
+        return self.workers * self.resources.gpu_units
 
 
 class JobUsage(Model):
@@ -240,6 +304,13 @@ class Job(Model):
     # How its resource limits were enforced, e.g. "cgroup v2: memory.max, cpu.max" or
     # "rlimit: RLIMIT_AS 64 MB; affinity: 1 of 2 cpus"; empty until it has been launched.
     enforcement: str = ""
+    executor: str = "local"  # the executor that runs it (``shipyard.wiring``)
+    attempt: int = 1  # 1 for the first start; +1 after each requeue (preemption, lost node)
+    preemptions: int = 0
+    queue: str = ""  # the queue it was admitted through (the project's by default)
+    # Where each worker runs, rank order: [{"node_id", "gpus": [...], "gpu_share"}]
+    placement: list[dict[str, Any]] = Field(default_factory=list)
+    outputs: list[str] = Field(default_factory=list)  # artifact paths stored from its outputs
 
 
 # --- serving ----------------------------------------------------------------------------------
@@ -312,3 +383,74 @@ class Token(Model):
     role: str | None = None  # narrowed to this role (viewer, editor, admin)
     expires_at: datetime | None = None
     revoked_at: datetime | None = None
+
+
+# --- cluster: queues and nodes (``shipyard queues``, ``shipyard nodes``) ------------------------
+
+
+class QuotaSpec(Model):
+    """An amount of each resource; ``None`` (or a key left out) means unlimited."""
+
+    gpus: float | None = None
+    cpus: float | None = None
+    memory_mb: int | None = None
+    gpus_by_model: dict[str, float] = Field(default_factory=dict)  # model name -> GPUs
+
+
+class ResourceAmount(Model):
+    gpus: float = 0.0
+    cpus: float = 0.0
+    memory_mb: int = 0
+
+
+class WaitingJob(Model):
+    job_id: str  # "" when the caller may not see the job's project
+    project: str  # "" likewise
+    position: int  # 1-based, in the order the queue serves them
+    reason: str
+
+
+class QueueView(Model):
+    """A queue's configuration, what its running jobs use and who waits in it, in what order."""
+
+    name: str
+    configured: bool  # False: a project's default queue nobody configured (unlimited)
+    cohort: str | None = None
+    weight: float = 1.0
+    nominal: QuotaSpec = Field(default_factory=QuotaSpec)
+    borrowing_limit: QuotaSpec = Field(default_factory=QuotaSpec)
+    usage: ResourceAmount = Field(default_factory=ResourceAmount)  # of its RUNNING jobs
+    gpus_by_model: dict[str, float] = Field(default_factory=dict)  # usage per GPU model named
+    borrowed: ResourceAmount = Field(default_factory=ResourceAmount)  # usage above nominal
+    running: list[str] = Field(default_factory=list)  # job ids (those the caller may see)
+    running_count: int = 0
+    waiting: list[WaitingJob] = Field(default_factory=list)
+    message: str = ""  # e.g. usage above a quota just shrunk: running jobs keep running
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
+class GpuView(Model):
+    index: int
+    model: str
+    memory_mb: int
+    allocated: float = 0.0  # 1.0 for a whole device, the sum of shares for a shared one
+    jobs: list[str] = Field(default_factory=list)
+
+
+class NodeView(Model):
+    """One node: what it has, what is allocated and to which jobs, and whether it is healthy."""
+
+    id: str
+    hostname: str = ""
+    address: str = ""
+    healthy: bool = True
+    message: str = ""
+    gpu_source: str = "none"  # "nvml", "declared" or "none"
+    labels: dict[str, str] = Field(default_factory=dict)
+    cpus: float
+    memory_mb: int
+    gpus: list[GpuView] = Field(default_factory=list)
+    allocated_cpus: float = 0.0
+    allocated_memory_mb: int = 0
+    jobs: list[str] = Field(default_factory=list)  # job ids running there (those the caller sees)

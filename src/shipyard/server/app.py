@@ -15,8 +15,8 @@ and ``SHIPYARD_AUTH`` from the environment, and applies the same bind check as `
 by uvicorn on a non-loopback ``--host`` without auth, it refuses to start. With auth off, the app
 also refuses (403) any request that arrived on a non-loopback local address, whatever started
 it (another ASGI server, a wrapper that binds its own socket). While the app runs, a background
-thread calls the job scheduler's ``tick`` every second so queued jobs start and lost supervisors
-are noticed.
+thread runs the admission pipeline (``compute.admission.step``) every half second, and at once
+when a submit or cancel wakes it, so queued jobs start and lost ones are noticed.
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ from fastapi import APIRouter, FastAPI, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from shipyard import __version__
-from shipyard.compute import jobs
+from shipyard import __version__, wiring
+from shipyard.compute import admission
 from shipyard.context import Context, open_context
 from shipyard.data import datasets as datasets_service
 from shipyard.errors import InvalidInputError, PermissionDeniedError
@@ -66,8 +66,10 @@ from shipyard.server.routers import (
     lineage,
     members,
     models,
+    nodes,
     pages,
     projects,
+    queues,
     runs,
     tokens,
     users,
@@ -101,6 +103,8 @@ API_ROUTERS: tuple[APIRouter, ...] = (
     members.router,
     users.router,
     tokens.router,
+    nodes.router,
+    queues.router,
 )
 
 
@@ -124,6 +128,7 @@ def create_app(
     out (for tests that drive the scheduler themselves).
     """
     settings = with_server_url(settings or Settings.from_env())
+    wiring.executor_scheme(settings.executor)  # an unknown executor URL refuses to start
     enabled = auth_enabled(auth)
     if host is not None:
         check_bind(host, auth=enabled)
@@ -142,7 +147,7 @@ def create_app(
         title="shipyard",
         version=__version__,
         summary="Self-hosted AI infrastructure: data, jobs, tracking, registry, serving.",
-        lifespan=_lifespan(ctx, tick=jobs.tick if scheduler else None),
+        lifespan=_lifespan(ctx, tick=admission.step if scheduler else None),
         responses=ERROR_RESPONSES,  # every error has one JSON shape: documented on every route
     )
     app.state.ctx = ctx
@@ -307,9 +312,19 @@ def _lifespan(ctx: Context, *, tick: Callable[[Context], Any] | None) -> Any:
         ctx.blobs.sweep_temp(older_than_s=STALE_TEMP_S)  # left by writers killed mid-write
         # once per store: owners for the files of dataset versions made before blobs had owners
         await anyio.to_thread.run_sync(datasets_service.backfill_file_refs, ctx)
-        ticker = _Ticker(tick, ctx.as_actor(SCHEDULER_ACTOR)) if tick is not None else None
+        ticker = (
+            _Ticker(
+                tick,
+                ctx.as_actor(SCHEDULER_ACTOR),
+                interval=admission.STEP_INTERVAL_S,
+                wake=admission.WAKE,
+            )
+            if tick is not None
+            else None
+        )
         if ticker is not None:
             ticker.start()
+            admission.background(True)  # submits wake it instead of stepping inline
         # runs whose process stopped sending heartbeats are marked crashed after the grace
         sweeper = _Ticker(
             mark_crashed_runs,
@@ -324,7 +339,9 @@ def _lifespan(ctx: Context, *, tick: Callable[[Context], Any] | None) -> Any:
         finally:
             sweeper.stop()
             if ticker is not None:
+                admission.background(False)
                 ticker.stop()
+                wiring.close_executors()
 
     return lifespan
 
@@ -342,8 +359,10 @@ class _Ticker:
         interval: float = TICK_INTERVAL_S,
         name: str = "shipyard-scheduler",
         what: str = "scheduler tick",
+        wake: threading.Event | None = None,
     ) -> None:
         self.fn = fn
+        self._wake = wake  # set by another thread: run now instead of at the next interval
         self.what = what
         self.ctx = ctx
         self.interval = interval
@@ -355,6 +374,8 @@ class _Ticker:
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stop.set()
+        if self._wake is not None:
+            self._wake.set()
         self._thread.join(timeout)
 
     def _run(self) -> None:
@@ -363,7 +384,11 @@ class _Ticker:
                 self.fn(self.ctx)
             except Exception:
                 log.exception("%s failed; trying again in %ss", self.what, self.interval)
-            self._stop.wait(self.interval)
+            if self._wake is None:
+                self._stop.wait(self.interval)
+            else:
+                self._wake.wait(self.interval)
+                self._wake.clear()
 
 
 def _sweep_uploads(ctx: Context) -> None:

@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 
 from shipyard.errors import InvalidInputError
 from shipyard.store.tables import LockRow
+from shipyard.wiring import database_driver
 
 _WRITE = "shipyard_write"
 
@@ -118,6 +119,10 @@ def _make_engine(url: str) -> Engine:
         raise InvalidInputError(f"database URL {url!r} is not valid: {exc}", field="db") from None
     shown = parsed.render_as_string(hide_password=True)  # never echo a password into errors
     options: dict[str, Any]
+    if database_driver(parsed.get_backend_name()) is None:  # shipyard.wiring's table
+        raise InvalidInputError(
+            f"database URL {shown!r}: only sqlite:/// and postgresql:// are supported", field="db"
+        )
     if parsed.get_backend_name() == "sqlite":
         options = {"connect_args": {"timeout": 60, "check_same_thread": False}}
         if parsed.database and parsed.database != ":memory:":
@@ -125,7 +130,7 @@ def _make_engine(url: str) -> Engine:
             options = {"creator": lambda: _connect_sqlite(database)}
     elif parsed.get_backend_name() == "postgresql":
         if parsed.drivername == "postgresql":
-            parsed = parsed.set(drivername="postgresql+psycopg")
+            parsed = parsed.set(drivername=database_driver("postgresql"))
         options = {"pool_pre_ping": True}
     else:
         raise InvalidInputError(

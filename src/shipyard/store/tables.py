@@ -132,6 +132,35 @@ class RunArtifactRow(Base):
     size: Mapped[int] = mapped_column(BigInteger)
 
 
+class CheckpointRow(Base):
+    """A checkpoint of a run (``tracking.checkpoints``): number ``number`` of the run, saved by
+    attempt ``attempt`` at training step ``step``. ``digest`` is its manifest's blob (the content
+    address of the whole checkpoint); its files are ``CheckpointFileRow`` rows, one digest each,
+    so the garbage collector marks every blob a checkpoint holds."""
+
+    __tablename__ = "checkpoints"
+    __table_args__ = (UniqueConstraint("run_id", "number"),)
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("runs.id"))
+    number: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(16))  # "file" or "folder"
+    digest: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(BigInteger)
+    step: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    attempt: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+
+
+class CheckpointFileRow(Base):
+    __tablename__ = "checkpoint_files"
+    __table_args__ = (UniqueConstraint("checkpoint_id", "path"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    checkpoint_id: Mapped[str] = mapped_column(ForeignKey("checkpoints.id"))
+    path: Mapped[str] = mapped_column(String(1024))
+    digest: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(BigInteger)
+
+
 class ModelRow(Base):
     __tablename__ = "models"
     __table_args__ = (UniqueConstraint("project_id", "name"),)
@@ -194,15 +223,29 @@ class JobRow(Base):
     message: Mapped[str] = mapped_column(Text, default="")
     usage: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
-    supervisor_pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    supervisor_started: Mapped[float | None] = mapped_column(Float, nullable=True)
-    pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
     created_by: Mapped[str] = mapped_column(String(128))
     # How the job's memory and CPU limits were enforced (set by its supervisor at launch).
     enforcement: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    # The executor that runs it and what its launch returned (pids, actor names...: its own).
+    executor: Mapped[str] = mapped_column(String(32), default="local")
+    executor_ref: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    attempt: Mapped[int] = mapped_column(Integer, default=1)
+    preemptions: Mapped[int] = mapped_column(Integer, default=0)
+    queue: Mapped[str] = mapped_column(String(128))
+    workers: Mapped[int] = mapped_column(Integer, default=1)
+    gpu_units: Mapped[float] = mapped_column(Float, default=0.0)  # workers x (gpus or fraction)
+    preemptible: Mapped[bool] = mapped_column(Boolean, default=False)
+    preempt_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Where each worker runs, rank order: [{"node_id", "gpus": [...], "gpu_share"}].
+    placement: Mapped[list[Any]] = mapped_column(JSON, default=list)
+    attained_gpu_s: Mapped[float] = mapped_column(Float, default=0.0)  # earlier attempts
+    outputs: Mapped[list[Any]] = mapped_column(JSON, default=list)  # artifacts it stored
+    # A per-row lease (dstack's): only the holder of an unexpired lease launches the job.
+    lock_token: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    lock_expires_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
 
 
 class DeploymentRow(Base):
@@ -306,3 +349,19 @@ class LockRow(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     holder: Mapped[str] = mapped_column(String(128), default="")
     acquired_at: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class QueueRow(Base):
+    """A configured queue (``compute.queues``): its quota, cohort and fair-share weight.
+
+    ``nominal`` and ``borrowing_limit`` are quotas as JSON (``{"gpus", "cpus", "memory_mb",
+    "gpus_by_model"}``; a key left out is unlimited). A queue that has no row is unlimited."""
+
+    __tablename__ = "queues"
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    cohort: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    weight: Mapped[float] = mapped_column(Float, default=1.0)
+    nominal: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    borrowing_limit: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)

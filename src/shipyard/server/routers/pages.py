@@ -17,7 +17,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 from fastapi.templating import Jinja2Templates
 
-from shipyard.compute import jobs
+from shipyard.compute import jobs, nodes, queues
 from shipyard.context import Context
 from shipyard.data import datasets
 from shipyard.domain.names import validate_name
@@ -85,3 +85,32 @@ def _load(section: str, ctx: Context, project: str) -> list[Any]:
         if exc.field == "project":  # a project nobody has written to yet: nothing to show
             return []
         raise
+
+
+# --- the cluster page (``/nodes``): nodes and queues, not per project ---------------------------
+
+ClusterSection = Literal["nodes", "queues"]
+CLUSTER_SECTIONS: dict[str, Callable[[Context], list[Any]]] = {
+    "nodes": lambda ctx: nodes.list_nodes(ctx),
+    "queues": lambda ctx: queues.list_queues(ctx),
+}
+
+
+@router.get("/nodes", response_class=HTMLResponse)
+def cluster(request: Request, ctx: Ctx) -> HTMLResponse:
+    return templates.TemplateResponse(
+        request,
+        "nodes.html",
+        {
+            "sections": {name: load(ctx) for name, load in CLUSTER_SECTIONS.items()},
+            "refresh": REFRESH_SECONDS,
+            "actor": ctx.actor,
+        },
+    )
+
+
+@router.get("/ui/cluster/{section}", response_class=HTMLResponse)
+def cluster_section(section: ClusterSection, request: Request, ctx: Ctx) -> HTMLResponse:
+    return templates.TemplateResponse(
+        request, f"section_{section}.html", {"items": CLUSTER_SECTIONS[section](ctx)}
+    )

@@ -12,17 +12,26 @@ import functools
 import os
 import shutil
 import subprocess
+from dataclasses import dataclass
 
 import psutil
 
-from shipyard.compute.scheduler import Capacity
 from shipyard.settings import Settings
 
 _NVIDIA_SMI_TIMEOUT_S = 10.0
 
 
+@dataclass(frozen=True, kw_only=True)
+class Capacity:
+    """What the local executor may hand out on this machine."""
+
+    cpus: float
+    memory_mb: int
+    gpus: tuple[int, ...] = ()
+
+
 def machine_capacity(settings: Settings) -> Capacity:
-    """The capacity the scheduler hands out, with the settings' overrides applied."""
+    """The capacity the local executor hands out, with the settings' overrides applied."""
     cpus = settings.cpus if settings.cpus is not None else detect_cpus()
     memory_mb = settings.memory_mb if settings.memory_mb is not None else detect_memory_mb()
     gpus = tuple(range(settings.gpus)) if settings.gpus is not None else detect_gpus()

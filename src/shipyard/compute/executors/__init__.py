@@ -1,0 +1,1 @@
+"""Executors: where admitted jobs run (``base.Executor``). ``shipyard.wiring`` picks one by URL."""
