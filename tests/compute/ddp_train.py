@@ -1,6 +1,7 @@
 """A small, deterministic PyTorch DDP training (gloo, CPU), for the tests and the benchmark.
 
     python ddp_train.py OUT_DIR [--steps N] [--batch GLOBAL_BATCH] [--hidden H] [--warmup W]
+                        [--print-weights]
 
 Started by torchrun, by shipyard (``shipyard run --workers 2 -- python ddp_train.py out``) or by
 hand as one process: it reads the world from torchrun's variables (``RANK``, ``WORLD_SIZE``,
@@ -10,7 +11,8 @@ of each), so with gradient averaging the result equals one process training on t
 batch. Each rank writes ``OUT_DIR/rank{R}.json``: the final weights (and their SHA-256), the
 initial weights' SHA-256, the last loss, and its throughput (samples/s of the global batch,
 measured after ``--warmup`` steps, start-up excluded). Rank 0 also prints one line
-``DDP_RESULT {json}``.
+``DDP_RESULT {json}``; with ``--print-weights`` every rank also prints its whole result, weights
+included, as one line ``DDP_WEIGHTS {json}`` (for a job whose folder the caller cannot read).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def main() -> int:
     parser.add_argument("--hidden", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=0)
     parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--print-weights", action="store_true", help="print every rank's result")
     args = parser.parse_args()
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -98,6 +101,8 @@ def main() -> int:
     if rank == 0:
         summary = {k: v for k, v in result.items() if k != "weights"}
         print("DDP_RESULT " + json.dumps(summary), flush=True)
+    if args.print_weights:
+        print("DDP_WEIGHTS " + json.dumps(result), flush=True)
     print(f"rank {rank} of {world}: loss {float(loss):.6f}", flush=True)
     if distributed:
         dist.destroy_process_group()

@@ -79,6 +79,24 @@ def check_digest(digest: str) -> str:
     return digest
 
 
+def check_stored(blobs: BlobStore, *, digest: str, size: int, path: str, field: str) -> None:
+    """A manifest entry (``path`` -> ``digest`` of ``size`` bytes) names a blob that is stored,
+    with that size; marks it in use again (the collector's grace period starts over).
+    NotFoundError / InvalidInputError naming ``field`` otherwise."""
+    if not blobs.exists(digest):
+        raise NotFoundError(
+            f"{field}.digest {digest} ({path!r}) is not in the blob store; upload the blob first",
+            field=f"{field}.digest",
+        )
+    blobs.touch(digest)
+    stored = blobs.size(digest)
+    if stored != size:
+        raise InvalidInputError(
+            f"{field}.size is {size} but blob {digest} ({path!r}) holds {stored} bytes",
+            field=f"{field}.size",
+        )
+
+
 class BlobStore:
     """Put, get and verify blobs. ``url`` is ``file:///abs/path`` or any fsspec URL."""
 

@@ -14,7 +14,7 @@ import ctypes
 import os
 import signal
 import time
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 import psutil
@@ -236,16 +236,17 @@ def become_subreaper() -> bool:
         return False
 
 
-def reap_orphans(*, keep: int | None = None) -> int:
-    """Wait for every exited child of ours but ``keep`` (the job's leader, which ``Popen``
-    waits for); returns how many were reaped."""
+def reap_orphans(*, keep: int | Collection[int] | None = None) -> int:
+    """Wait for every exited child of ours but ``keep`` (the job's leader or a gang's workers,
+    which their ``Popen`` waits for); returns how many were reaped."""
+    kept = {keep} if isinstance(keep, int) else set(keep or ())
     reaped = 0
     try:
         children = psutil.Process().children()
     except psutil.Error:
         return 0
     for child in children:
-        if child.pid == keep:
+        if child.pid in kept:
             continue
         with contextlib.suppress(psutil.Error):
             if child.status() != psutil.STATUS_ZOMBIE:

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from shipyard.blobs.store import check_digest
+from shipyard.blobs.store import check_digest, check_stored
 from shipyard.context import Context, new_id
 from shipyard.domain.models import (
     ColumnProfile,
@@ -424,20 +424,7 @@ def _check_entries(ctx: Context, files: Sequence[FileEntry]) -> list[FileEntry]:
             raise InvalidInputError(message, field=f"{field}.digest") from None
         if entry.size < 0:
             raise InvalidInputError(f"{field}.size must not be negative", field=f"{field}.size")
-        if not ctx.blobs.exists(entry.digest):
-            raise NotFoundError(
-                f"{field}.digest {entry.digest} ({entry.path!r}) is not in the blob store; "
-                "upload the blob first",
-                field=f"{field}.digest",
-            )
-        ctx.blobs.touch(entry.digest)  # in use again: the collector's grace period starts over
-        stored = ctx.blobs.size(entry.digest)
-        if stored != entry.size:
-            raise InvalidInputError(
-                f"{field}.size is {entry.size} but blob {entry.digest} ({entry.path!r}) "
-                f"holds {stored} bytes",
-                field=f"{field}.size",
-            )
+        check_stored(ctx.blobs, digest=entry.digest, size=entry.size, path=entry.path, field=field)
     return sorted(files, key=lambda e: e.path)
 
 

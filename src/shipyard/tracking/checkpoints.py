@@ -27,7 +27,7 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from shipyard.blobs.store import check_digest
+from shipyard.blobs.store import check_digest, check_stored
 from shipyard.context import Context, new_id
 from shipyard.domain.checkpoints import Checkpoint, CheckpointKind
 from shipyard.domain.metrics import step_problem
@@ -76,20 +76,9 @@ def record_checkpoint(
     digests = {e.digest for e in entries}
     require_refs(ctx, project=owner, digests=digests, field="files")
     for i, entry in enumerate(entries):
-        if not ctx.blobs.exists(entry.digest):
-            raise NotFoundError(
-                f"files[{i}].digest {entry.digest} ({entry.path!r}) is not in the blob store; "
-                "upload the blob first",
-                field=f"files[{i}].digest",
-            )
-        ctx.blobs.touch(entry.digest)  # in use again: the collector's grace period starts over
-        stored = ctx.blobs.size(entry.digest)
-        if stored != entry.size:
-            raise InvalidInputError(
-                f"files[{i}].size is {entry.size} but blob {entry.digest} ({entry.path!r}) "
-                f"holds {stored} bytes",
-                field=f"files[{i}].size",
-            )
+        check_stored(
+            ctx.blobs, digest=entry.digest, size=entry.size, path=entry.path, field=f"files[{i}]"
+        )
     manifest = ctx.blobs.put_bytes(_manifest_bytes(kind, entries)).digest
     with ctx.db.transaction() as s:
         row = _require_for(ctx, s, run_id, project=project, need=Role.EDITOR)

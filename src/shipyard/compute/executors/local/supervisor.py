@@ -52,8 +52,6 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-import psutil
-
 from shipyard.compute import admission, records, sandbox
 from shipyard.compute.executors.local.launcher import (
     ENV_LAUNCH_TOKEN,
@@ -77,6 +75,7 @@ from shipyard.compute.processes import (
     create_time,
     high_water_mark,
     kill_job,
+    reap_orphans,
 )
 from shipyard.compute.snapshot import extract_code
 from shipyard.compute.workers import (
@@ -291,7 +290,7 @@ def _run(ctx: Context, claim: _Claim, stop: _StopFlag, launch_token: str | None)
     # Whatever the job left running in the background ends with it; being their subreaper, we
     # wait for them, so their CPU time counts.
     kill_job(job_id, pids[0], grace=1.0)
-    _reap_orphans(keep=set(pids))
+    reap_orphans(keep=pids)
     log.close()
     usage = _usage(meters, wall, cgroup_cpu_seconds(limits))
     exit_code = result.exit_code
@@ -360,7 +359,7 @@ def _watch(
         interval = min(POLL_S, interval * 2)  # quick first looks, for short jobs
         for meter, pid in zip(meters, pids, strict=True):
             meter.sample(pid)
-        _reap_orphans(keep=set(pids))
+        reap_orphans(keep=pids)
         outcome = _check(ctx, claim, meters, stop, started, limit, resources.memory_mb)
         if outcome is None:
             continue
@@ -573,25 +572,6 @@ def _resolve_command(command: list[str], cwd: Path, env: dict[str, str]) -> list
     if local.is_file():
         return [str(local), *command[1:]]
     return list(command)
-
-
-def _reap_orphans(*, keep: set[int]) -> int:
-    """Wait for every exited child of ours but the workers (which their ``Popen`` waits for)."""
-    reaped = 0
-    try:
-        children = psutil.Process().children()
-    except psutil.Error:
-        return 0
-    for child in children:
-        if child.pid in keep:
-            continue
-        with contextlib.suppress(psutil.Error):
-            if child.status() != psutil.STATUS_ZOMBIE:
-                continue
-        with contextlib.suppress(ChildProcessError, OSError):
-            pid, _ = os.waitpid(child.pid, os.WNOHANG)
-            reaped += pid != 0
-    return reaped
 
 
 def _usage(meters: Sequence[UsageMeter], wall: float, cgroup_cpu: float | None) -> JobUsage:
