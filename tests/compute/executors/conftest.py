@@ -20,13 +20,15 @@ from tests.conftest import free_port
 
 GIB = 1024**3
 OBJECT_STORE = 80 * 1024 * 1024
-# Quicker node-death detection than Ray's default (a killed node's raylet refuses at once: ~5 s),
-# yet tolerant of a node that stalls for seconds on this busy 2-core machine - tighter settings
-# made GCS declare a freshly started node dead.
+# Quicker node-death detection than Ray's default: a killed node's raylet refuses at once, so
+# five failed checks a second apart (~5 s) declare it dead. A check that merely times out takes
+# 10 s, so a node that stalls on this busy 2-core machine (a freshly added one starting its
+# workers) must stall for about a minute before it counts as dead: with a 3 s timeout, GCS
+# declared a new node dead before its first job printed (seen once in a CI run).
 SYSTEM_CONFIG = {
     "health_check_initial_delay_ms": 1000,
     "health_check_period_ms": 1000,
-    "health_check_timeout_ms": 3000,
+    "health_check_timeout_ms": 10000,
     "health_check_failure_threshold": 5,
 }
 
@@ -44,7 +46,9 @@ class RayCluster:
     plain_node: Any
 
     def add_node(self, **kwargs: Any) -> Any:
-        return self.cluster.add_node(**_node_args(**kwargs))
+        node = self.cluster.add_node(**_node_args(**kwargs))
+        self.cluster.wait_for_nodes()  # registered and alive before anything is placed on it
+        return node
 
 
 def _node_args(**kwargs: Any) -> dict[str, Any]:
