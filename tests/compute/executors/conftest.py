@@ -1,9 +1,10 @@
-"""A real Ray cluster on this machine for the executor tests (started once per session).
+"""A real Ray cluster on this machine for the executor tests: started once for this folder and
+stopped after its last test, so the rest of the suite does not share the CPUs with it.
 
 ``ray.cluster_utils.Cluster``: a head node (2 CPUs, no GPUs) and two worker nodes with 2 CPUs and
 2 *declared* GPUs each (Ray hands out declared GPUs without hardware; one node's are "A100"), all
 on this machine, the head with its Ray Client server - the same ``ray://`` address a user gives
-``shipyard server --executor``. Everything it started is gone at the end of the session.
+``shipyard server --executor``. Everything it started is gone after the last test of this folder.
 """
 
 from __future__ import annotations
@@ -62,12 +63,12 @@ def _node_args(**kwargs: Any) -> dict[str, Any]:
     return args
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def ray_cluster() -> Iterator[RayCluster]:
     pytest.importorskip("ray")
     from ray.cluster_utils import Cluster
 
-    if _failed:  # pytest sets a failed session fixture up again for every test: fail at once
+    if _failed:  # pytest sets a failed package fixture up again for every test: fail at once
         pytest.fail(f"the Ray cluster could not start: {_failed[0]}", pytrace=False)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     began = time.monotonic()
@@ -106,7 +107,7 @@ def ray_cluster() -> Iterator[RayCluster]:
         cluster.shutdown()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def ray_executor(ray_cluster: RayCluster) -> Any:
     from shipyard.compute.executors.ray import RayExecutor
 
