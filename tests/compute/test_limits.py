@@ -102,6 +102,7 @@ def test_cpu_time_counts_multiprocessing_children_the_leader_did_not_wait_for(
         "import multiprocessing as mp, os, signal, sys, time\n"
         "def burn(ready):\n"
         "    def stop(*_):\n"
+        "        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a 2nd SIGTERM: no 2nd line\n"
         "        os.write(1, f'child cpu {time.process_time()}\\n'.encode())  # one write\n"
         "        os._exit(0)\n"
         "    signal.signal(signal.SIGTERM, stop)\n"
