@@ -176,39 +176,45 @@ def submit_job(
                 resource=f"project/{project}/run/{run_id}",
                 details={"job_id": job_id},
             )
-        s.add(
-            JobRow(
-                id=job_id,
-                project_id=pid,
-                name=name,
-                spec=spec.model_dump(mode="json"),
-                status=JobStatus.QUEUED.value,
-                priority=spec.priority,
-                cpus=spec.resources.cpus,
-                memory_mb=spec.resources.memory_mb,
-                gpus=spec.resources.gpus,
-                code_digest=code_digest,
-                run_id=run_id,
-                assigned_gpus=[],
-                message=message,
-                usage={},
-                cancel_requested=False,
-                created_at=utcnow(),
-                created_by=ctx.actor,
-                executor=wiring.executor_scheme(ctx.settings.executor),
-                executor_ref=None,
-                attempt=1,
-                preemptions=0,
-                queue=queue,
-                workers=spec.workers,
-                gpu_units=spec.gpu_units,
-                preemptible=spec.preemptible,
-                preempt_requested=False,
-                placement=[],
-                attained_gpu_s=0.0,
-                outputs=[],
-            )
+        row = JobRow(
+            id=job_id,
+            project_id=pid,
+            name=name,
+            spec=spec.model_dump(mode="json"),
+            status=JobStatus.QUEUED.value,
+            priority=spec.priority,
+            cpus=spec.resources.cpus,
+            memory_mb=spec.resources.memory_mb,
+            gpus=spec.resources.gpus,
+            code_digest=code_digest,
+            run_id=run_id,
+            assigned_gpus=[],
+            message=message,
+            usage={},
+            cancel_requested=False,
+            created_at=utcnow(),
+            created_by=ctx.actor,
+            executor=wiring.executor_scheme(ctx.settings.executor),
+            executor_ref=None,
+            attempt=1,
+            preemptions=0,
+            queue=queue,
+            workers=spec.workers,
+            gpu_units=spec.gpu_units,
+            preemptible=spec.preemptible,
+            preempt_requested=False,
+            placement=[],
+            attained_gpu_s=0.0,
+            outputs=[],
+            # every column set here, so the stored row is the returned job (no re-read)
+            exit_code=None,
+            started_at=None,
+            finished_at=None,
+            enforcement=None,
+            lock_token=None,
+            lock_expires_at=None,
         )
+        s.add(row)
         audit.record(
             s,
             actor=ctx.actor,
@@ -227,8 +233,9 @@ def submit_job(
                 "run_id": run_id,
             },
         )
-    _move_on(ctx)
-    return get_job(ctx, job_id=job_id)
+    if _move_on(ctx):
+        return get_job(ctx, job_id=job_id)  # the inline step may have started it
+    return to_domain(row, project)  # as stored: a server's pipeline admits it in the background
 
 
 def list_jobs(
@@ -355,16 +362,18 @@ def wait_job(
 # --- helpers ---------------------------------------------------------------------------------
 
 
-def _move_on(ctx: Context) -> None:
+def _move_on(ctx: Context) -> bool:
     """After a submit or cancel: a wake-up for the server's background pipeline, or one inline
-    admission step where this process runs none (an embedded home: nothing else would)."""
+    admission step where this process runs none (an embedded home: nothing else would).
+    True when it stepped inline."""
     if ctx.settings.server_url is None or not admission.in_background():
         try:
             admission.step(ctx)
         except Exception:  # the job is stored; the next step (any process) picks it up
             log.exception("the inline admission step failed; the job stays queued")
-    else:
-        admission.wake()
+        return True
+    admission.wake()
+    return False
 
 
 def _cluster_nodes(ctx: Context) -> tuple[list[NodeInfo] | None, str | None]:

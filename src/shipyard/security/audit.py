@@ -71,6 +71,8 @@ MAX_REASON = 200
 _EVENT_DOMAIN = b"shipyard-audit-event-v1\x00"
 _HEAD_DOMAIN = b"shipyard-audit-head-v1\x00"
 _PENDING = "audit_pending"
+_TXN = "audit_pending_transaction"
+_FIRST = "audit_first"
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +89,20 @@ def record(
 
     The head file is rewritten right after the transaction commits (never inside it).
     """
-    lock(session, "audit")
     anchor = _anchor(session)
-    prev = session.scalar(select(AuditEventRow.hash).order_by(AuditEventRow.seq.desc()).limit(1))
-    prev_hash = prev or GENESIS
+    tail = session.info.get(_PENDING)
+    if tail is not None and tail in session and session.info.get(_TXN) is session.get_transaction():
+        # This transaction appended already: it holds the audit lock, so the chain's tail is
+        # the event it appended last (no lock or read per event when one transaction records
+        # many, as the admission pipeline's batches do).
+        prev_hash = tail.hash
+    else:
+        lock(session, "audit")
+        prev = session.scalar(
+            select(AuditEventRow.hash).order_by(AuditEventRow.seq.desc()).limit(1)
+        )
+        prev_hash = prev or GENESIS
+        tail = None
     at = utcnow()
     details = details or {}
     digest = _mac(anchor.key, prev_hash, at, actor, action, resource, details)
@@ -108,6 +120,9 @@ def record(
         engine = session.get_bind().engine
         event.listen(session, "after_commit", lambda s: _after_commit(s, anchor, engine), once=True)
     session.info[_PENDING] = row
+    session.info[_TXN] = session.get_transaction()
+    if tail is None:  # the first event of this transaction: what the head must chain to
+        session.info[_FIRST] = row
 
 
 def record_event(
@@ -437,6 +452,8 @@ def _after_commit(session: Session, anchor: _Anchor, engine: Engine) -> None:
     truncation the head stays where it was, so the tampering stays visible.
     """
     row = session.info.pop(_PENDING, None)
+    session.info.pop(_TXN, None)
+    first = session.info.pop(_FIRST, row)
     if row is None:
         return
     new = _Head(seq=int(row.seq), hash=str(row.hash))
@@ -452,7 +469,13 @@ def _after_commit(session: Session, anchor: _Anchor, engine: Engine) -> None:
             stored, index = newest
             if new.seq <= stored.seq:
                 return  # a later writer anchored already
-            follows = new.seq == stored.seq + 1 and row.prev_hash == stored.hash
+            # this transaction's events chain straight on from the stored head (it read that
+            # hash under the audit lock): the event the head names is still there
+            follows = (
+                first is not None
+                and int(first.seq) == stored.seq + 1
+                and first.prev_hash == stored.hash
+            )
             if not follows and stored.seq > 0 and not _still_there(engine, stored):
                 log.warning(
                     "audit event %d named by the head anchor is gone or changed; "

@@ -8,6 +8,7 @@ Every change is audited. Job principals are made by the server when it launches 
 from __future__ import annotations
 
 import secrets
+from collections.abc import Sequence
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -220,28 +221,56 @@ def remove_member(ctx: Context, *, project: str, principal: str) -> None:
 def issue_job_token(ctx: Context, *, job_id: str, project: str, run_id: str | None) -> str:
     """A secret for job ``job_id``: it views ``project``, writes to run ``run_id`` and registers
     models there, nothing else; ``revoke_job_tokens`` ends it when the job ends."""
-    authorize(ctx, project=project, need=Role.EDITOR)
-    secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
-    name = f"{JOB_PREFIX}{job_id}"
     with ctx.db.transaction() as s:
-        pid = project_id(s, project, create=False)
-        prow = s.scalar(select(PrincipalRow).where(PrincipalRow.name == name))
+        return issue_job_tokens_in(s, ctx, [(job_id, project, run_id)])[job_id]
+
+
+def issue_job_tokens_in(
+    s: Session, ctx: Context, jobs: Sequence[tuple[str, str, str | None]]
+) -> dict[str, str]:
+    """``issue_job_token`` for each ``(job_id, project, run_id)`` inside the caller's write
+    transaction, in a few statements (the admission pipeline issues the tokens of every job one
+    step launches together): job id -> secret, one ``token.issue_job`` event per job."""
+    for project in dict.fromkeys(project for _job, project, _run in jobs):
+        authorize(ctx, project=project, need=Role.EDITOR)
+    pids = {
+        project: project_id(s, project, create=False)
+        for project in dict.fromkeys(project for _job, project, _run in jobs)
+    }
+    names = [f"{JOB_PREFIX}{job_id}" for job_id, _project, _run in jobs]
+    existing = {
+        row.name: row
+        for chunk in _chunks(names)
+        for row in s.scalars(select(PrincipalRow).where(PrincipalRow.name.in_(chunk)))
+    }
+    created: list[tuple[PrincipalRow, str]] = []
+    owners: dict[str, PrincipalRow] = {}
+    for (job_id, project, run_id), name in zip(jobs, names, strict=True):
+        prow = existing.get(name)
         if prow is None:
-            prow = PrincipalRow(
+            prow = existing[name] = PrincipalRow(
                 id=new_id(), name=name, kind=PrincipalKind.JOB.value, job_id=job_id, run_id=run_id
             )
             s.add(prow)
-            s.flush()
-            s.add(ProjectMemberRow(project_id=pid, principal_id=prow.id, role=Role.VIEWER.value))
+            created.append((prow, pids[project]))
         else:
             prow.run_id = run_id
             prow.disabled_at = None
+        owners[job_id] = prow
+    if created:
+        s.flush()  # the principals before their memberships
+        for prow, pid in created:
+            s.add(ProjectMemberRow(project_id=pid, principal_id=prow.id, role=Role.VIEWER.value))
+    secrets_of: dict[str, str] = {}
+    for job_id, project, run_id in jobs:
+        secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        name = f"{JOB_PREFIX}{job_id}"
         token = TokenRow(
             id=new_id(),
             name=name,
             prefix=secret[:10],
             token_hash=hash_token(secret),
-            principal_id=prow.id,
+            principal_id=owners[job_id].id,
             project=project,
         )
         s.add(token)
@@ -252,36 +281,63 @@ def issue_job_token(ctx: Context, *, job_id: str, project: str, run_id: str | No
             resource=f"token/{token.id}",
             details={"job_id": job_id, "project": project, "run_id": run_id},
         )
-    return secret
+        secrets_of[job_id] = secret
+    return secrets_of
 
 
 def revoke_job_tokens(ctx: Context, *, job_id: str) -> None:
     """Revoke every token of job ``job_id`` (idempotent; nothing to do for a job without one)."""
-    now = utcnow()
     with ctx.db.transaction() as s:
-        ids = list(
-            s.scalars(
-                select(PrincipalRow.id).where(
-                    PrincipalRow.job_id == job_id, PrincipalRow.kind == PrincipalKind.JOB.value
+        revoke_job_tokens_in(s, actor=ctx.actor, job_ids=[job_id])
+
+
+def revoke_job_tokens_in(s: Session, *, actor: str, job_ids: Sequence[str]) -> None:
+    """``revoke_job_tokens`` for several jobs inside the caller's write transaction (the
+    admission pipeline ends every job one look found finished in one transaction): one
+    ``token.revoke_job`` event per job that had live tokens, as one call per job writes."""
+    now = utcnow()
+    for chunk in _chunks(list(job_ids)):
+        owners: dict[str, str] = {
+            principal_id: job_id or ""
+            for principal_id, job_id in s.execute(
+                select(PrincipalRow.id, PrincipalRow.job_id).where(
+                    PrincipalRow.job_id.in_(chunk), PrincipalRow.kind == PrincipalKind.JOB.value
                 )
+            ).all()
+        }
+        if not owners:
+            continue
+        live: dict[str, int] = {}
+        for principal_id in s.scalars(
+            select(TokenRow.principal_id).where(
+                TokenRow.principal_id.in_(list(owners)), TokenRow.revoked_at.is_(None)
             )
+        ):
+            job = owners[str(principal_id)]
+            live[job] = live.get(job, 0) + 1
+        if live:
+            s.execute(
+                update(TokenRow)
+                .where(TokenRow.principal_id.in_(list(owners)), TokenRow.revoked_at.is_(None))
+                .values(revoked_at=now)
+            )
+        s.execute(
+            update(PrincipalRow).where(PrincipalRow.id.in_(list(owners))).values(disabled_at=now)
         )
-        if not ids:
-            return
-        revoked = s.execute(
-            update(TokenRow)
-            .where(TokenRow.principal_id.in_(ids), TokenRow.revoked_at.is_(None))
-            .values(revoked_at=now)
-        ).rowcount  # type: ignore[attr-defined]
-        s.execute(update(PrincipalRow).where(PrincipalRow.id.in_(ids)).values(disabled_at=now))
-        if revoked:
-            audit.record(
-                s,
-                actor=ctx.actor,
-                action="token.revoke_job",
-                resource=f"job/{job_id}",
-                details={"tokens": revoked},
-            )
+        for job in chunk:  # in the caller's order, one event per job, as before
+            if live.get(job):
+                audit.record(
+                    s,
+                    actor=actor,
+                    action="token.revoke_job",
+                    resource=f"job/{job}",
+                    details={"tokens": live[job]},
+                )
+
+
+def _chunks(items: list[str], size: int = 500) -> list[list[str]]:
+    """Bounded IN lists (SQLite caps the parameters of one statement)."""
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 def principal_by_name(ctx: Context, *, name: str) -> Principal:
