@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import pytest
 
-from shipyard.compute.outputs import MAX_LISTED, collect_outputs
+from shipyard.compute.outputs import MAX_LISTED, collect_outputs, upload_outputs
 from shipyard.context import Context
 from shipyard.domain.models import RunStatus
 from shipyard.errors import InvalidStateError
@@ -174,3 +175,96 @@ def test_code_files_come_from_the_jobs_snapshot(ctx: Context, tmp_path: Path) ->
         ctx, job_id=job.id, project="p", run_id=None, workdir=folder, declared=[]
     )
     assert report.others == ["result.txt"]
+
+
+def test_a_job_token_uploads_its_outputs_to_its_ended_run_over_http(
+    ctx: Context, tmp_path: Path
+) -> None:
+    """What a Ray worker does (``upload_outputs``): over the REST API, auth on, with the job's
+    own token, to the run the job already finished - the same files, checks and notes as the
+    local executor's ``collect_outputs``; another run does not take them after its end."""
+    with warnings.catch_warnings():  # Starlette asks for httpx2; plain httpx works the same
+        warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
+        from fastapi.testclient import TestClient
+
+    from shipyard.security import principals
+    from shipyard.server.app import create_app
+
+    principals.create_project(ctx, name="alpha")
+    own = runs.create_run(ctx, project="alpha", name="job-run")
+    sibling = runs.create_run(ctx, project="alpha")
+    for run in (own, sibling):
+        runs.finish_run(ctx, run_id=run.id)
+    secret = principals.issue_job_token(ctx, job_id="j1", project="alpha", run_id=own.id)
+    root = workdir(tmp_path)
+    outside = tmp_path / "secret.txt"
+    outside.write_text("do not read")
+    (root / "leak.txt").symlink_to(outside)
+    os.link(outside, root / "hard.txt")
+    declared = ["model.pt", "ckpt", "leak.txt", "hard.txt", "gone.pt"]
+    app = create_app(ctx.settings, auth=True, scheduler=False)
+    with TestClient(app) as http:
+        report = upload_outputs(
+            server_url="http://testserver",
+            token=secret,
+            project="alpha",
+            run_id=own.id,
+            workdir=root,
+            declared=declared,
+            code_files={"train.py"},
+            transport=http._transport,
+        )
+        refused = upload_outputs(
+            server_url="http://testserver",
+            token=secret,
+            project="alpha",
+            run_id=sibling.id,
+            workdir=root,
+            declared=["model.pt"],
+            code_files={"train.py"},
+            transport=http._transport,
+        )
+    assert report.stored == ["model.pt", "ckpt/a.bin", "ckpt/sub/b.bin"]
+    assert artifacts(ctx, own.id) == {"model.pt": 700, "ckpt/a.bin": 1, "ckpt/sub/b.bin": 1}
+    stored = runs.get_artifact(ctx, run_id=own.id, path="model.pt")
+    assert ctx.blobs.get_bytes(stored.digest) == b"weights" * 100
+    assert report.missing == ["gone.pt"] and report.kept_in is None
+    assert [p.split(":")[0] for p in report.problems] == ["leak.txt", "hard.txt"]
+    # the very notes of the local executor, for the same folder and run
+    local = collect_outputs(
+        ctx,
+        job_id="j1",
+        project="alpha",
+        run_id=own.id,
+        workdir=root,
+        declared=declared,
+        code_files={"train.py"},
+        discarded=True,
+    )
+    assert report.lines() == local.lines()
+    assert refused.stored == [] and "only that job's token" in refused.problems[0]
+    assert artifacts(ctx, sibling.id) == {}
+
+
+def test_an_unreachable_server_is_named_once_and_nothing_is_sent(
+    ctx: Context, tmp_path: Path
+) -> None:
+    from tests.conftest import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    report = upload_outputs(
+        server_url=url,
+        token="shp_unused",
+        project="p",
+        run_id="r1",
+        workdir=workdir(tmp_path),
+        declared=["model.pt", "ckpt", "gone.pt"],
+        code_files={"train.py"},
+    )
+    assert report.stored == [] and report.missing == ["gone.pt"]
+    (problem,) = report.problems
+    assert problem.startswith("model.pt, ckpt/a.bin, ckpt/sub/b.bin: ") and url in problem
+    assert (
+        f"shipyard: declared output not stored: model.pt, ckpt/a.bin, ckpt/sub/b.bin: the "
+        f"shipyard server at {url} cannot be reached" in "\n".join(report.lines())
+    )

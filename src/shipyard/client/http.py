@@ -277,11 +277,19 @@ class HttpBackend(Backend):
         return self._list(f"{self._run(project, run_id)}/metrics", MetricPoint, key=key)
 
     def log_artifact(
-        self, run_id: str, *, path: str, local_file: Path, project: str | None = None
+        self,
+        run_id: str,
+        *,
+        path: str,
+        local_file: Path,
+        project: str | None = None,
+        after_end: bool = False,  # a job's declared outputs, with its token (the Ray worker)
     ) -> Artifact:
         validate_relative_path(path, field="path")
         digest, size = self._put_blob(project or self.project, Path(local_file))
-        body = _unchecked(LogArtifactRequest, path=path, digest=digest, size=size)
+        body = _unchecked(
+            LogArtifactRequest, path=path, digest=digest, size=size, after_end=after_end
+        )
         return self._json(
             "POST",
             f"{self._run(project, run_id)}/artifacts",

@@ -8,6 +8,13 @@ the same relative path. The files are read from the folder with the same confine
 folder (``security.paths``): a path that resolves outside it through a link, or a hard link, is
 refused rather than read. Declared paths that do not exist are listed as missing.
 
+Where a job ran decides how the files travel, never what is checked: :func:`plan_outputs` says
+what to store from the folder alone, :func:`store_outputs` stores it through a callback. The
+local executor's supervisor stores straight into the blob store (:func:`collect_outputs`); a Ray
+worker, on a node that has neither our database nor our blob store, uploads over the server's
+REST API with the job's own token (:func:`upload_outputs`), which may write artifacts of the
+job's run - and, like the executor, add ones the run does not hold yet after it ended.
+
 Everything else the job wrote there (files that were neither in its code snapshot nor declared)
 is listed too, with where it is left: in the job's folder (``kept_in``), or nowhere when that
 folder is removed after the job (a server's job-user sandbox), so the user learns about an
@@ -18,9 +25,11 @@ output that was lost and how to keep it next time. ``OutputsReport.lines()`` are
 from __future__ import annotations
 
 import os
-from collections.abc import Collection
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+import httpx
 
 from shipyard.compute.snapshot import SKIP_DIRS, SKIP_SUFFIXES, list_code
 from shipyard.context import Context
@@ -35,6 +44,8 @@ from shipyard.tracking import runs
 MAX_LISTED = 20
 # The scan for other files stops after this many entries (the count then says "at least").
 MAX_SCANNED = 100_000
+# How long ``upload_outputs`` waits for the server's ``/healthz`` before it gives up on it.
+PROBE_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -81,6 +92,91 @@ class OutputsReport:
         return out
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OutputsPlan:
+    """What of a job's declared outputs is to be stored, decided from its folder alone.
+
+    Pure (no store, no database): the local executor stores ``files`` in the blob store, a Ray
+    worker uploads them to the server, and both get the same checks and the same notes."""
+
+    files: list[tuple[str, Path]]  # (artifact path, the real file to read), in declared order
+    missing: list[str]
+    problems: list[str]
+    others: list[str]
+    others_total: int
+    kept_in: str | None
+
+
+# Stores one file (its real path) as artifact ``name`` of the job's run; returns its size.
+StoreFile = Callable[[str, Path], int]
+
+
+def plan_outputs(
+    workdir: Path,
+    declared: list[str],
+    *,
+    code_files: Collection[str],
+    run_id: str | None,
+    discarded: bool = False,
+) -> OutputsPlan:
+    """The files of the ``declared`` outputs found in ``workdir`` that may be stored (a path that
+    escapes ``workdir`` through a link, or a hard link, is a problem, not a file), the missing
+    ones, and the other files the job wrote (``code_files`` are its snapshot's)."""
+    root = Path(workdir)
+    files: list[tuple[str, Path]] = []
+    missing: list[str] = []
+    problems: list[str] = []
+    for path in declared:
+        try:
+            found = _declared_files(root, path)
+        except (ShipyardError, OSError) as exc:
+            problems.append(f"{path}: {_reason(exc)}")
+            continue
+        if found is None:
+            missing.append(path)
+        elif not found:
+            problems.append(f"{path}: the folder is empty")
+        elif run_id is None:
+            problems.append(f"{path}: the job has no run to store it in")
+        else:
+            files.extend(found)
+    listed, total = _other_files(root, set(code_files), declared)
+    return OutputsPlan(
+        files=files,
+        missing=missing,
+        problems=problems,
+        others=listed,
+        others_total=total,
+        kept_in=None if discarded else str(root),
+    )
+
+
+def store_outputs(plan: OutputsPlan, store: StoreFile, *, run_id: str | None) -> OutputsReport:
+    """Store each file of ``plan`` with ``store``; one that fails (unreadable, the run refuses
+    it) is reported in ``problems`` and does not keep the others from being stored."""
+    stored: list[str] = []
+    problems = list(plan.problems)
+    stored_bytes = 0
+    for name, real in plan.files:
+        try:
+            size = store(name, real)
+        except (ShipyardError, OSError) as exc:
+            problems.append(f"{name}: {_reason(exc)}")
+            continue
+        stored.append(name)
+        stored_bytes += size
+    return OutputsReport(
+        stored=stored,
+        missing=list(plan.missing),
+        others=list(plan.others),
+        kept_in=plan.kept_in,
+        others_total=plan.others_total,
+        problems=problems,
+        run_id=run_id,
+        stored_bytes=stored_bytes,
+    )
+
+
 def collect_outputs(
     ctx: Context,
     *,
@@ -99,57 +195,68 @@ def collect_outputs(
     output that cannot be stored (unsafe, unreadable, the run refuses it) is reported in
     ``problems`` and does not keep the others from being stored.
     """
-    root = Path(workdir)
-    stored: list[str] = []
-    missing: list[str] = []
-    problems: list[str] = []
-    stored_bytes = 0
-    for path in declared:
-        try:
-            files = _declared_files(root, path)
-        except (ShipyardError, OSError) as exc:
-            problems.append(f"{path}: {_reason(exc)}")
-            continue
-        if files is None:
-            missing.append(path)
-            continue
-        if not files:
-            problems.append(f"{path}: the folder is empty")
-            continue
-        if run_id is None:
-            problems.append(f"{path}: the job has no run to store it in")
-            continue
-        for name, real in files:
-            try:
-                put = ctx.blobs.put_file(real)
-                note_upload(ctx, project=project, digest=put.digest)
-                runs.log_artifact(
-                    ctx,
-                    run_id=run_id,
-                    path=name,
-                    digest=put.digest,
-                    size=put.size,
-                    project=project,
-                    after_end=True,
-                )
-            except (ShipyardError, OSError) as exc:
-                problems.append(f"{name}: {_reason(exc)}")
-                continue
-            stored.append(name)
-            stored_bytes += put.size
     if code_files is None:
         code_files = _snapshot_files(ctx, job_id)
-    listed, total = _other_files(root, set(code_files), declared)
-    return OutputsReport(
-        stored=stored,
-        missing=missing,
-        others=listed,
-        kept_in=None if discarded else str(root),
-        others_total=total,
-        problems=problems,
-        run_id=run_id,
-        stored_bytes=stored_bytes,
+    plan = plan_outputs(
+        workdir, declared, code_files=code_files, run_id=run_id, discarded=discarded
     )
+
+    def store(name: str, real: Path) -> int:
+        assert run_id is not None  # a plan holds files only for a job with a run
+        put = ctx.blobs.put_file(real)
+        note_upload(ctx, project=project, digest=put.digest)
+        runs.log_artifact(
+            ctx,
+            run_id=run_id,
+            path=name,
+            digest=put.digest,
+            size=put.size,
+            project=project,
+            after_end=True,
+        )
+        return put.size
+
+    return store_outputs(plan, store, run_id=run_id)
+
+
+def upload_outputs(
+    *,
+    server_url: str,
+    token: str | None,
+    project: str,
+    run_id: str | None,
+    workdir: Path,
+    declared: list[str],
+    code_files: Collection[str],
+    discarded: bool = True,
+    transport: httpx.BaseTransport | None = None,
+) -> OutputsReport:
+    """:func:`collect_outputs` for a job that ran where our store is not (a Ray node): the files
+    go to the server at ``server_url`` over its REST API with the job's own ``token``, which may
+    write artifacts of its run. When the server cannot be reached, one problem says so and
+    nothing is sent. ``transport``: an in-process app (tests)."""
+    from shipyard.client.http import HttpBackend  # the SDK: only where a job's node uploads
+
+    plan = plan_outputs(
+        workdir, declared, code_files=code_files, run_id=run_id, discarded=discarded
+    )
+    if not plan.files:
+        return store_outputs(plan, _never, run_id=run_id)
+    unreachable = _unreachable(server_url, transport)
+    if unreachable is not None:
+        names = _names([name for name, _ in plan.files])
+        failed = replace(plan, files=[], problems=[*plan.problems, f"{names}: {unreachable}"])
+        return store_outputs(failed, _never, run_id=run_id)
+    backend = HttpBackend(server_url, token=token, project=project, transport=transport)
+
+    def store(name: str, real: Path) -> int:
+        assert run_id is not None  # a plan holds files only for a job with a run
+        return backend.log_artifact(run_id, path=name, local_file=real, after_end=True).size
+
+    try:
+        return store_outputs(plan, store, run_id=run_id)
+    finally:
+        backend.close()
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -171,6 +278,24 @@ def _declared_files(root: Path, path: str) -> list[tuple[str, Path]] | None:
         )
     check_not_hard_link(real, path, field="outputs")
     return [(path, real)]
+
+
+def _never(name: str, real: Path) -> int:  # pragma: no cover - a plan without files
+    raise AssertionError(f"nothing was to be stored, yet {name} was")
+
+
+def _unreachable(url: str, transport: httpx.BaseTransport | None) -> str | None:
+    """Why the server at ``url`` cannot be reached from here (its ``/healthz``), or None."""
+    try:
+        with httpx.Client(base_url=url, transport=transport, timeout=PROBE_TIMEOUT_S) as http:
+            http.get("/healthz")
+    except httpx.HTTPError as exc:
+        return (
+            f"the shipyard server at {url} cannot be reached from the job's node ({exc}); the "
+            "URL jobs reach the server at (SHIPYARD_SERVER_URL) must be one the Ray nodes can "
+            "open"
+        )
+    return None
 
 
 def _snapshot_files(ctx: Context, job_id: str) -> set[str]:
@@ -242,4 +367,12 @@ def _size(size: int) -> str:
     return f"{size / (1024 * 1024):.1f} MB"
 
 
-__all__ = ["MAX_LISTED", "OutputsReport", "collect_outputs"]
+__all__ = [
+    "MAX_LISTED",
+    "OutputsPlan",
+    "OutputsReport",
+    "collect_outputs",
+    "plan_outputs",
+    "store_outputs",
+    "upload_outputs",
+]

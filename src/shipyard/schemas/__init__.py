@@ -142,6 +142,9 @@ class LogArtifactRequest(Request):
     path: RelPath
     digest: Digest
     size: Size
+    # A job's declared outputs, sent from a node without our store (the Ray executor's worker)
+    # with the job's token: its ended run still takes a path it does not hold yet.
+    after_end: bool = False
 
 
 class RecordCheckpointRequest(Request):

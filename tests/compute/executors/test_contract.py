@@ -1,7 +1,7 @@
 """The executor contract, run with the SAME test code against the local executor and against a
 real Ray cluster (tests/compute/executors/conftest.py): submit through the job service, let the
 admission pipeline launch and observe, and check what a user sees - status, message, exit code,
-log, environment, GPUs, gang ranks, cancel, preemption, max runtime.
+log, environment, GPUs, gang ranks, cancel, preemption, max runtime, declared outputs.
 
 The home is served (``Settings.server_url`` set, as in a server process): jobs get the
 allowlisted environment and a job token, and nothing steps inline, so the test drives
@@ -46,6 +46,11 @@ GANG_FAILS = (
     "if os.environ['RANK'] == '1': print('rank one gives up', flush=True); sys.exit(5)\n"
     "time.sleep(120)"
 )
+# Writes a link out of its folder and a file with a second (hard) name: declared, both refused.
+UNSAFE_OUTPUTS = (
+    "import os; os.symlink(os.path.dirname(os.getcwd()), 'escape')\n"
+    "open('a.txt', 'w').write('a'); os.link('a.txt', 'b.txt'); print('wrote')"
+)
 # Small CPU shares, so that every job of the contract fits on the cluster at once.
 SMALL = {"cpus": 0.25, "memory_mb": 256}
 
@@ -75,6 +80,7 @@ SPECS: dict[str, JobSpec] = {
     "gang_fails": _python(GANG_FAILS, workers=2),
     "cancel": _python(SLEEP),
     "preempt": _python(PREEMPTIBLE, preemptible=True),
+    "outputs": _python(UNSAFE_OUTPUTS, outputs=["escape", "a.txt", "b.txt", "missing.txt"]),
 }
 
 
@@ -232,6 +238,24 @@ def test_a_gang_fails_when_one_worker_dies(outcomes: Outcomes) -> None:
     assert job.status is JobStatus.FAILED
     assert "rank 1 exited with code 5" in job.message and "rank one gives up" in job.message
     assert job.exit_code == 5
+
+
+def test_declared_outputs_keep_to_the_jobs_folder(outcomes: Outcomes) -> None:
+    """A declared output that leaves the job's folder through a link, or a hard link, is refused
+    (nothing of it read), a missing one is named; the job's outcome stands. (Stored outputs on
+    Ray need a server the nodes reach: test_ray_server.py.)"""
+    job = outcomes.jobs["outputs"]
+    assert job.status is JobStatus.SUCCEEDED, job.message
+    assert job.outputs == []
+    lines = outcomes.logs["outputs"].splitlines()
+    assert lines[:2] == [
+        "wrote",
+        "shipyard: declared output 'missing.txt' was not found in the job's folder; nothing "
+        "was stored for it",
+    ]
+    refused = [line.removeprefix("shipyard: declared output not stored: ") for line in lines[2:]]
+    assert [line.split(": ")[0] for line in refused] == ["escape", "a.txt", "b.txt"], lines
+    assert "outside" in refused[0] and all("hard link" in line for line in refused[1:])
 
 
 # --- helpers --------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ has - its address, its nodes, a node that dies - and the executor's own API."""
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -125,3 +126,21 @@ def test_ray_is_imported_only_when_the_executor_connects() -> None:
         "assert 'ray' not in sys.modules, 'ray imported before use'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_a_loopback_ray_address_bypasses_a_proxy_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from shipyard.compute.executors import ray as ray_executor
+
+    for name in ("grpc_proxy", "https_proxy", "http_proxy", "no_grpc_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    ray_executor._no_proxy_for_loopback("127.0.0.1")  # no proxy: nothing to change
+    assert "no_grpc_proxy" not in os.environ
+    monkeypatch.setenv("http_proxy", "http://proxy.example:3128")
+    monkeypatch.setenv("no_proxy", "example.org")
+    ray_executor._no_proxy_for_loopback("10.0.0.5")  # a remote head may need the proxy
+    assert "no_grpc_proxy" not in os.environ
+    ray_executor._no_proxy_for_loopback("127.0.0.1")
+    ray_executor._no_proxy_for_loopback("127.0.0.1")  # named once
+    assert os.environ["no_grpc_proxy"] == "example.org,127.0.0.1"  # noqa: SIM112

@@ -3,6 +3,7 @@ Ray cluster of this session (tests/compute/executors/conftest.py).
 
 The server reaches Ray through a TCP relay the test controls, so "Ray is unreachable" is real
 (nothing listens at the address) and "Ray is back" is real too (the relay starts listening).
+The job's declared outputs travel from its Ray node to the server over HTTP.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import pytest
 
 pytest.importorskip("ray")
 
+from shipyard.blobs import hash_bytes
 from shipyard.client import Client
 from shipyard.domain.models import JobStatus
 from shipyard.settings import Settings
@@ -28,6 +30,10 @@ import os
 for epoch in range(3):
     print(f"epoch {epoch} on attempt {os.environ['SHIPYARD_ATTEMPT']}", flush=True)
 print("url", os.environ["SHIPYARD_URL"])
+os.mkdir("ckpt")
+open("ckpt/last.bin", "wb").write(b"x")
+open("model.pt", "wb").write(b"weights" * 10)
+open("scratch.txt", "w").write("not declared")
 """
 
 
@@ -91,14 +97,17 @@ def test_a_ray_server_queues_while_ray_is_down_then_runs_logs_and_cancels(
         (code / "train.py").write_text(TRAIN)
 
         # Ray unreachable at submit: the job is stored, QUEUED, saying why.
-        job = client.jobs.submit([sys.executable, "train.py"], code_dir=code, name="train")
+        job = client.jobs.submit(
+            [sys.executable, "train.py"], code_dir=code, name="train", outputs=["model.pt", "ckpt"]
+        )
         job = wait_for(
             lambda: (j := client.jobs.get(job.id)).message and j, what="the waiting reason"
         )
         assert job.status is JobStatus.QUEUED
         assert "executor unavailable" in job.message and address in job.message, job.message
 
-        # Ray is back: the server's pipeline connects, launches the job and it runs to the end.
+        # Ray is back: the server's pipeline connects, launches the job and it runs to the end;
+        # rank 0's worker uploads the declared outputs to the server as artifacts of its run.
         relay.start()
         done = wait_for(
             lambda: (j := client.jobs.get(job.id)).status.finished and j,
@@ -113,7 +122,19 @@ def test_a_ray_server_queues_while_ray_is_down_then_runs_logs_and_cancels(
             "epoch 1 on attempt 1",
             "epoch 2 on attempt 1",
             f"url {server.url}",
+            f"shipyard: stored 2 declared output files (0.1 KB) as artifacts of run "
+            f"{done.run_id}: model.pt, ckpt/last.bin",
+            "shipyard: 1 file the job wrote outside its declared outputs were discarded with "
+            "its folder: scratch.txt; declare them (--output PATH) to keep them as artifacts of "
+            "the run",
         ]
+        assert done.run_id is not None
+        run = client.runs.get(done.run_id)
+        assert {a.path: (a.size, a.digest) for a in run.artifacts} == {
+            "model.pt": (70, hash_bytes(b"weights" * 10)),
+            "ckpt/last.bin": (1, hash_bytes(b"x")),
+        }
+        assert sorted(done.outputs) == ["ckpt/last.bin", "model.pt"]  # the job's record too
 
         # Logs while it runs, then cancel.
         slow = client.jobs.submit(

@@ -70,6 +70,9 @@ class Observation:
     message: str = ""
     preempted: bool = False
     node_id: str | None = None
+    # finished: the artifact paths stored from the job's declared outputs, for the job's record
+    # (``records.finish_job(outputs=...)``); None when the executor records them itself (local).
+    outputs: list[str] | None = None
 
 
 class ExecutorUnavailableError(Exception):

@@ -28,8 +28,13 @@ group with the job's environment (``compute.sandbox.job_env`` computed here - ne
 environment or the server's database/blob settings - plus its node's ``PATH``, its Ray GPUs in
 ``CUDA_VISIBLE_DEVICES`` and the torchrun variables; ``MASTER_ADDR``/``MASTER_PORT`` are rank 0's
 node and a port free there, which the other ranks ask rank 0's actor for). Jobs run as the user
-Ray's workers run as (a root server's job user applies to the local executor only). Declared
-outputs (``--output``) are not collected from Ray nodes yet.
+Ray's workers run as (a root server's job user applies to the local executor only).
+**Declared outputs** (``--output``): the node has neither our database nor our blob store, so
+when the job's process ends with an outcome (not a preemption) rank 0's actor uploads them from
+its folder to the server (``launch.server_url``) with the job's token - the same confinement and
+"shipyard: ..." notes as the local executor, appended to its log - before it reports itself
+exited; ``observe`` passes the stored artifact paths on in ``Observation.outputs``. When the
+server cannot be reached from the node, the log says so and the job's outcome is unchanged.
 ``observe`` polls the actors; when a job ends it copies their logs into the server's job log
 (``records.log_path``), kills the actors and removes the placement group. While a job runs its
 log is pulled from the actors into that same file (whole lines, every rank in the order they
@@ -213,6 +218,7 @@ class RayExecutor(Executor):
                 )
                 slots = gang_layout(placement)
                 code_ref = ray.put(code) if code is not None else None
+                outputs = _outputs_target(launch)
                 for rank, actor in enumerate(actors):
                     actor.start.remote(
                         command=list(spec.command),
@@ -221,6 +227,7 @@ class RayExecutor(Executor):
                         slot={k: v for k, v in asdict(slots[rank]).items() if k != "gpus"},
                         rank0=actors[0] if rank else None,
                         served=launch.server_url is not None,
+                        outputs=outputs if rank == 0 else None,
                     )
             except Exception as exc:
                 if _is_connection_error(exc):
@@ -348,6 +355,7 @@ class RayExecutor(Executor):
                 pass
         except OSError as exc:
             raise self._unavailable(f"nothing answers there ({exc.strerror or exc})") from None
+        _no_proxy_for_loopback(self.host)
         for attempt in range(1, CONNECT_ATTEMPTS + 1):
             try:
                 if ray.is_initialized():
@@ -502,6 +510,7 @@ class RayExecutor(Executor):
         # Every worker has exited: the outcome.
         self._pull_logs(ctx, ray, job_id, ref, final=True)
         status, message, exit_code, preempted = _outcome(ctx, job_id, ref, polls)
+        stored = polls[0].get("outputs")  # rank 0 stores the declared outputs
         return Observation(
             job_id=job_id,
             state="finished",
@@ -510,6 +519,7 @@ class RayExecutor(Executor):
             usage=usage,
             message=message,
             preempted=preempted,
+            outputs=None if preempted or stored is None else [str(p) for p in stored],
         )
 
     def _lost_text(self, ray: ModuleType, ref: Mapping[str, Any], first: _Rank) -> str:
@@ -757,6 +767,20 @@ def _outcome(
     return JobStatus.FAILED, message, code, False
 
 
+def _outputs_target(launch: Launch) -> dict[str, Any] | None:
+    """What rank 0's actor needs to upload the job's declared outputs (None: none declared)."""
+    declared = list(getattr(launch.spec, "outputs", None) or [])
+    if not declared:
+        return None
+    return {
+        "declared": declared,
+        "server_url": launch.server_url,
+        "token": launch.token,
+        "project": launch.project,
+        "run_id": launch.run_id,
+    }
+
+
 def _note(ctx: Any, job_id: str, line: str) -> None:
     """Append one "shipyard: ..." line to the job's log (between the pulls of the ranks' lines)."""
     path = records.log_path(ctx, job_id)
@@ -784,6 +808,21 @@ def _group_name(job_id: str, attempt: int) -> str:
 
 def _actor_name(job_id: str, attempt: int, rank: int) -> str:
     return f"job-{job_id}-{attempt}-{rank}"
+
+
+def _no_proxy_for_loopback(host: str) -> None:
+    """Ray Client is gRPC, and gRPC sends even a loopback connection through ``grpc_proxy`` /
+    ``https_proxy`` / ``http_proxy`` unless ``no_grpc_proxy`` (or ``no_proxy``) names the host: a
+    proxy cannot reach this machine's loopback, so the connection would just time out."""
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        return
+    if not any(os.environ.get(k) for k in ("grpc_proxy", "https_proxy", "http_proxy")):
+        return
+    # gRPC reads these names in lower case
+    current = os.environ.get("no_grpc_proxy") or os.environ.get("no_proxy") or ""  # noqa: SIM112
+    names = [n.strip() for n in current.split(",") if n.strip()]
+    if host not in names:
+        os.environ["no_grpc_proxy"] = ",".join([*names, host])  # noqa: SIM112
 
 
 def _is_connection_error(exc: BaseException) -> bool:

@@ -11,6 +11,15 @@ what only the node knows (its ``PATH``/locale, the Ray-assigned GPUs in
 ``CUDA_VISIBLE_DEVICES``, the torchrun variables), writes its output to a log file there
 (``[rank N] `` prefixes for gangs, ``compute.workers.PrefixedLog``), enforces the max runtime,
 samples usage over the process tree, and answers ``poll`` / ``read_log`` / ``stop``.
+
+**Declared outputs.** The node has neither the server's database nor its blob store, so rank 0's
+actor, once the job's process ended with an outcome (exited, failed, cancelled, timed out - not
+stopped for a preemption, whose next attempt writes them again), uploads the declared outputs
+from its folder to the server's REST API with the job's token (``compute.outputs.upload_outputs``:
+the same confinement and the same "shipyard: ..." notes as the local executor, appended to its
+log), and only then reports itself exited, with the stored artifact paths in its ``poll``. While
+it uploads it is ``storing`` (the executor still sees the job running). Other ranks' folders are
+not collected: rank 0 writes a gang's results, as in torchrun.
 """
 
 from __future__ import annotations
@@ -30,10 +39,13 @@ from typing import Any
 
 from shipyard.compute.processes import UsageMeter
 from shipyard.compute.sandbox import PASSED_PREFIXES, PASSED_VARIABLES
-from shipyard.compute.snapshot import extract_code
+from shipyard.compute.snapshot import extract_code, list_code
 from shipyard.compute.workers import Gang, PrefixedLog, WorkerSlot, free_port, rank_env
 
 POLL_S = 0.1
+# Stop reasons after which the declared outputs are not stored: the job is requeued (preempt), or
+# the actor is being removed (cleanup) or lost with a rank of its gang.
+_NO_OUTPUTS = frozenset({"preempt", "cleanup", "lost"})
 _PR_SET_PDEATHSIG = 1
 
 
@@ -74,6 +86,10 @@ class WorkerActor:
         self._message = ""
         self._command = ""
         self._master: dict[str, Any] | None = None
+        self._outputs: dict[str, Any] | None = None  # where rank 0 stores the declared outputs
+        self._code_files: list[str] = []
+        self._cwd: Path | None = None
+        self._stored: list[str] | None = None  # artifact paths stored from the outputs
 
     # --- what the executor asks ----------------------------------------------------------------
 
@@ -110,10 +126,13 @@ class WorkerActor:
         slot: dict[str, Any],
         rank0: Any,
         served: bool,
+        outputs: Mapping[str, Any] | None = None,
     ) -> str | None:
         """Prepare the folder and start the command; None, or why it could not start (the
         worker then reports itself exited with code 127 and that message). ``rank0`` is rank
-        0's actor (None for rank 0 itself), asked for the rendezvous address."""
+        0's actor (None for rank 0 itself), asked for the rendezvous address. ``outputs`` (rank
+        0's, when the job declared some): ``declared``, and the ``server_url``, ``token``,
+        ``project`` and ``run_id`` they are uploaded with when the job ends."""
         import ray
 
         with self._lock:
@@ -136,6 +155,7 @@ class WorkerActor:
             return message
         try:
             cwd = self._prepare(code, served=served)
+            code_files = list_code(code) if code is not None and outputs else []
         except Exception as exc:  # a bad snapshot, a full disk: the job fails, saying why
             message = f"could not prepare the job's code on this node: {_text(exc)}"
             with self._lock:
@@ -146,6 +166,9 @@ class WorkerActor:
         )
         with self._lock:
             self._command = command[0]
+            self._outputs = dict(outputs) if outputs and outputs.get("declared") else None
+            self._code_files = code_files
+            self._cwd = cwd
             self._log = PrefixedLog(self.log_path, prefix=self.world_size > 1)
             self._gang = Gang(
                 commands=[_resolve_command(command, cwd, full_env)],
@@ -168,9 +191,10 @@ class WorkerActor:
         return failure[0] if failure else None
 
     def poll(self) -> dict[str, Any]:
-        """The worker's state - ``created``, ``starting``, ``running`` or ``exited`` with its exit
-        code and the reason it was stopped for (``cancel``, ``preempt``, ``timeout``, ``gang``) -
-        and its usage."""
+        """The worker's state - ``created``, ``starting``, ``running``, ``storing`` (its declared
+        outputs) or ``exited`` with its exit code, the reason it was stopped for (``cancel``,
+        ``preempt``, ``timeout``, ``gang``) and the artifact paths stored from its outputs
+        (``outputs``; None when none were to be stored) - and its usage."""
         with self._lock:
             wall = self._wall
             if self._state == "running" and self._started_at is not None:
@@ -181,6 +205,7 @@ class WorkerActor:
                 "exited_at": self._exited_at,
                 "stop_reason": self._stop_reason,
                 "message": self._message,
+                "outputs": self._stored,
                 "usage": {
                     "cpu_seconds": round(self._meter.cpu_seconds, 3),
                     "peak_memory_mb": round(self._meter.peak_memory_mb, 3),
@@ -202,7 +227,8 @@ class WorkerActor:
     def stop(self, reason: str, grace_s: float) -> None:
         """SIGTERM the worker's process group, SIGKILL after ``grace_s``; returns at once."""
         with self._lock:
-            if self._stop_reason is None and self._state != "exited":
+            # Once the process is gone (storing its outputs, exited) a stop changes nothing.
+            if self._stop_reason is None and self._state not in ("storing", "exited"):
                 self._stop_reason = reason
             gang = self._gang if self._state == "running" else None
         if gang is not None:
@@ -324,7 +350,51 @@ class WorkerActor:
         with self._lock:
             assert self._started_at is not None
             self._wall = time.monotonic() - self._started_at
-            self._finish(exit_code=result.exit_code, message=result.message)
+            store = self._outputs is not None and self._stop_reason not in _NO_OUTPUTS
+            if store:
+                self._state = "storing"
+            else:
+                self._finish(exit_code=result.exit_code, message=result.message)
+        if store:
+            stored = self._store_outputs()
+            with self._lock:
+                self._stored = stored
+                self._finish(exit_code=result.exit_code, message=result.message)
+
+    def _store_outputs(self) -> list[str]:
+        """Upload the declared outputs as artifacts of the job's run and note in the log what
+        became of them; the stored paths. Whatever happens here, the job's outcome stands."""
+        # Here, not at the top: it brings the SDK and the store's modules (~0.4 s), which only
+        # rank 0 of a job with declared outputs needs, once, at its end.
+        from shipyard.compute.outputs import upload_outputs
+
+        where = self._outputs
+        assert where is not None and self._cwd is not None
+        url = where.get("server_url")
+        if not url:
+            lines = [
+                "shipyard: the declared outputs were not stored: the job ran on a Ray node and "
+                "no shipyard server was named to send them to (run the Ray executor from "
+                "'shipyard server --executor ray://...')"
+            ]
+            stored: list[str] = []
+        else:
+            try:
+                report = upload_outputs(
+                    server_url=str(url),
+                    token=where.get("token"),
+                    project=str(where["project"]),
+                    run_id=where.get("run_id"),
+                    workdir=self._cwd,
+                    declared=list(where["declared"]),
+                    code_files=self._code_files,
+                )
+                lines, stored = report.lines(), list(report.stored)
+            except Exception as exc:  # the outcome is reported whatever became of the outputs
+                lines, stored = [f"shipyard: could not store the job's outputs: {exc!r}"], []
+        with contextlib.suppress(OSError), open(self.log_path, "ab") as fh:
+            fh.write("".join(f"{line}\n" for line in lines).encode())
+        return stored
 
     def _fail_to_start(self, message: str) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,8 @@ from fastapi import APIRouter, Query, Response
 
 from shipyard.domain.checkpoints import Checkpoint
 from shipyard.domain.models import Artifact, FileEntry, MetricPoint, Run
+from shipyard.domain.principals import PrincipalKind
+from shipyard.errors import PermissionDeniedError
 from shipyard.schemas import (
     AddRunInputRequest,
     CreateRunRequest,
@@ -105,8 +107,31 @@ def metric_history(
 def log_artifact(
     project: ProjectPath, run_id: RunId, body: LogArtifactRequest, ctx: Ctx
 ) -> Artifact:
+    if body.after_end:
+        _require_job_of(ctx, run_id)
     return runs.log_artifact(
-        ctx, run_id=run_id, project=project, path=body.path, digest=body.digest, size=body.size
+        ctx,
+        run_id=run_id,
+        project=project,
+        path=body.path,
+        digest=body.digest,
+        size=body.size,
+        after_end=body.after_end,
+    )
+
+
+def _require_job_of(ctx: Ctx, run_id: str) -> None:
+    """``after_end`` is the executor's, for a job's declared outputs: only that job's own token
+    (a Ray worker uploading them) or a server admin may add artifacts to an ended run."""
+    principal = ctx.principal
+    if principal.server_admin:
+        return
+    if principal.kind is PrincipalKind.JOB and principal.run_id == run_id:
+        return
+    raise PermissionDeniedError(
+        f"after_end adds a job's declared outputs to its ended run {run_id}: only that job's "
+        "token may send it; an ended run takes no other artifacts",
+        field="after_end",
     )
 
 
