@@ -9,9 +9,11 @@ import pytest
 from shipyard.compute.policy import get_policy
 from shipyard.compute.policy.base import (
     MAX_PREEMPTIONS,
+    Decision,
     QueueConfig,
     Quota,
     RunningJob,
+    Snapshot,
 )
 from shipyard.compute.policy.default import DefaultPolicy
 from shipyard.compute.policy.placement import FreeCapacity
@@ -355,14 +357,14 @@ def test_las_preemption_with_hysteresis() -> None:
     hog = running("hog", [("n0", [0])], preemptible=True, started_at=0.0, attained_gpu_s=20 * HOUR)
     d = decide(ns, [pending("new", gpus=1, submitted_at=5000)], [hog], now=5000.0)
     assert [p.job_id for p in d.preempt] == ["hog"]
-    assert "received less GPU time" in d.preempt[0].reason
+    assert "which has run for less time (0.0 vs 20.0 hours per GPU)" in d.preempt[0].reason
     # it has run only 100 s in this attempt: not yet
     fresh = running(
         "hog", [("n0", [0])], preemptible=True, started_at=4900.0, attained_gpu_s=20 * HOUR
     )
     assert decide(ns, [pending("new", gpus=1)], [fresh], now=5000.0).preempt == []
     # same level: no preemption
-    peer = running("peer", [("n0", [0])], preemptible=True, attained_gpu_s=0.5 * HOUR)
+    peer = running("peer", [("n0", [0])], preemptible=True, attained_gpu_s=300.0)
     assert decide(ns, [pending("new", gpus=1)], [peer], now=5000.0).preempt == []
     # not preemptible: never
     pinned = running("pin", [("n0", [0])], attained_gpu_s=20 * HOUR)
@@ -621,3 +623,50 @@ def test_many_jobs_of_few_shapes_get_their_own_positions() -> None:
     assert admitted(d) == ["j000"]
     assert d.waiting["j001"].startswith("waiting: 2nd in queue q; needs 1 GPU")
     assert d.waiting["j299"].startswith("waiting: 300th in queue q; needs 1 GPU")
+
+
+def test_a_decision_pauses_the_cyclic_collector_and_restores_it() -> None:
+    import gc
+
+    from shipyard.compute.policy import base
+
+    seen: list[bool] = []
+
+    class Probe(DefaultPolicy):
+        def _decide(self, snapshot: Snapshot) -> Decision:
+            seen.append(gc.isenabled())
+            if snapshot.now < 0:
+                raise RuntimeError("bad snapshot")
+            return super()._decide(snapshot)
+
+    assert gc.isenabled()
+    Probe().decide(Snapshot(now=1.0, nodes=[], queues={}, pending=[], running=[]))
+    with pytest.raises(RuntimeError):
+        Probe().decide(Snapshot(now=-1.0, nodes=[], queues={}, pending=[], running=[]))
+    assert seen == [False, False] and gc.isenabled()  # enabled again, even after an error
+    gc.disable()
+    try:
+        with base.cyclic_gc_paused():
+            pass
+        assert not gc.isenabled()  # a caller's own pause is left as it was
+    finally:
+        gc.enable()
+
+
+def test_las_levels_count_running_time_so_wide_jobs_are_not_demoted_for_their_width() -> None:
+    wide = pending("wide", gpus=8, attained_gpu_s=8 * 1200.0)  # ran 20 min on 8 GPUs
+    narrow = pending("narrow", gpus=1, attained_gpu_s=3000.0)  # ran 50 min on 1 GPU
+    fresh = pending("fresh", gpus=1)
+    by_time = DefaultPolicy()
+    assert [by_time.level_of(j) for j in (fresh, wide, narrow)] == [0, 1, 1]
+    by_gpu = DefaultPolicy(las_service="gpu")  # Tiresias' GPU time: 9,600 GPU-s is level 2
+    assert [by_gpu.level_of(j) for j in (fresh, wide, narrow)] == [0, 2, 1]
+    # in one queue, the same level: the older job first; by GPU time the narrow one overtakes
+    ns = [node("n0", gpus=8)]
+    older_wide = pending("wide", gpus=8, attained_gpu_s=8 * 1200.0, submitted_at=0.0)
+    later_narrow = pending("narrow", gpus=1, attained_gpu_s=3000.0, submitted_at=1.0)
+    assert admitted(decide(ns, [older_wide, later_narrow], [], now=10.0)) == ["wide"]
+    snap = snapshot(ns, [older_wide, later_narrow], [], now=10.0)
+    assert [p.job_id for p in by_gpu.decide(snap).admit] == ["narrow"]
+    with pytest.raises(ValueError, match="las_service"):
+        DefaultPolicy(las_service="gpus")

@@ -20,7 +20,9 @@ its lent quota.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import gc
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -184,6 +186,25 @@ class Policy(Protocol):
     name: str
 
     def decide(self, snapshot: Snapshot) -> Decision: ...
+
+
+@contextmanager
+def cyclic_gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector for one decision.
+
+    A decision over 10,000 pending jobs allocates a few hundred thousand small objects, none of
+    them in reference cycles; the collector's passes that these allocations trigger walk the whole
+    heap (the server's included) and added up to 20 ms to a 40 ms decision
+    (``benchmarks/policy_decision.py``: p90 58 ms with it, 42 ms without). Reference counting
+    still frees everything; a pass runs at the next allocation after the decision."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def priority_value(priority: int | str) -> int:
