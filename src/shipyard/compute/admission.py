@@ -305,17 +305,7 @@ def _finish_all(ctx: Context, ended: Sequence[records.Finish], result: StepResul
         log.exception("could not record %d finished jobs together; one by one", len(ended))
     for finish in ended:
         try:
-            if records.finish_job(
-                ctx,
-                job_id=finish.job_id,
-                status=finish.status,
-                message=finish.message,
-                exit_code=finish.exit_code,
-                usage=finish.usage,
-                outputs=finish.outputs,
-                attempt=finish.attempt,
-            ):
-                result.finished.append(finish.job_id)
+            result.finished.extend(records.finish_jobs(ctx, [finish]))
         except Exception:
             log.exception("could not record what became of job %s", finish.job_id)
 
