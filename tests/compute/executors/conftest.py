@@ -109,11 +109,8 @@ def _check_client(url: str, cluster: Any) -> Any:
     slow head; when it never answers, fail with what the head's client server logged (a CI run
     saw every connection time out while the cluster itself was up, and nothing more to go on).
 
-    The connection stays open for every test of the folder: after a second Ray Client connection
-    (a new driver job), Ray 2.60's raylet on a node added later crashed on the first two
-    placement groups asking for its ``accelerator_type`` ("Check failed:
-    IsCPUOrPlacementGroupCPUResource ... has less availability than requested"; 3 of 3 runs of
-    test_a_node_dies.py; not reproduced with plain drivers)."""
+    The connection stays open for the folder's tests (one connection is quicker; the one test
+    that reconnects on purpose is test_a_node_dies.py)."""
     from shipyard.compute.executors.base import ExecutorUnavailableError
     from shipyard.compute.executors.ray import RayExecutor
 

@@ -3,8 +3,9 @@
 ``shipyard server --executor ray://HEAD:10001`` (or ``SHIPYARD_EXECUTOR``) sends admitted jobs to
 an existing Ray cluster. shipyard decides *admission* (``compute.policy``: quotas, fair share,
 priorities, preemption); Ray does *placement*: one placement group per job attempt, a bundle per
-worker (``{CPU, GPU, memory}``), ``STRICT_PACK`` for one worker and ``PACK`` for a gang, so a
-gang uses as few nodes as possible. The nodes Ray chose are in the job's ``executor_ref``.
+worker (``{CPU, GPU, memory}``; ``--gpu-type`` adds a label selector: the nodes of that GPU
+model), ``STRICT_PACK`` for one worker and ``PACK`` for a gang, so a gang uses as few nodes as
+possible. The nodes Ray chose are in the job's ``executor_ref``.
 
 **Connecting.** ``ray://HOST:PORT`` is Ray Client's address: the head node's client server
 (``ray start --head`` listens on 10001 by default). Ray Client is what lets a shipyard server
@@ -65,7 +66,7 @@ from shipyard.compute.executors.base import (
     Observation,
     StopReason,
 )
-from shipyard.compute.policy.base import Gpu, Node, Placement, WorkerPlacement
+from shipyard.compute.policy.base import Gpu, Node, Placement, WorkerPlacement, gpu_matches
 from shipyard.compute.workers import DEFAULT_GRACE_S, describe_exit, gang_layout
 from shipyard.domain.models import JobStatus, JobUsage
 from shipyard.errors import InvalidInputError, InvalidStateError
@@ -96,11 +97,15 @@ MB = 1024 * 1024
 # of a node's GPUs; this label gives their memory (Ray does not know it).
 ACCELERATOR_PREFIX = "accelerator_type:"
 MODEL_LABEL = "ray.io/accelerator-type"
+NODE_ID_LABEL = "ray.io/node-id"  # every Ray node has it: its node id (hex)
 GPU_MEMORY_LABEL = "shipyard.io/gpu-memory-mb"
 
 _connection_lock = threading.RLock()
 _connected_address: str | None = None  # one Ray Client connection per process
 _users: dict[str, int] = {}  # open executors per address
+# Bumped by every new connection: handles, remote classes and tasks belong to the connection
+# that made them, so an executor drops its caches when this moved on (a reconnect).
+_generation = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +132,7 @@ class RayExecutor(Executor):
         self._actor_class: Any = None
         self._group_tasks: dict[str, Any] | None = None
         self._handles: dict[str, Any] = {}  # actor name -> handle
+        self._generation = -1  # the connection the caches above belong to
         self._open = True
         with _connection_lock:
             _users[self.address] = _users.get(self.address, 0) + 1
@@ -162,17 +168,23 @@ class RayExecutor(Executor):
             from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
             gpu_type = getattr(resources, "gpu_type", None)
-            if gpu_type and gpus:
-                key = _accelerator_key(ray, gpu_type)
-                if key is not None:
-                    bundle[key] = 0.001
+            selector = _model_selector(ray, gpu_type) if gpu_type and gpus else None
+            if gpu_type and gpus and selector is None:
+                raise ExecutorUnavailableError(
+                    f"no live node of the Ray cluster at {self.address} has a {gpu_type} GPU "
+                    f"now; job {launch.job_id} stays queued"
+                )
             # A launch of this very attempt that failed half-way (a crash between launch and
             # recording it) may have left actors; ``create_group`` replaces its group.
             self._kill(ray, names)
             tasks = self._tasks(ray)
             made = ray.get(
                 tasks["create_group"].remote(
-                    group_name, [dict(bundle) for _ in range(workers)], strategy, PLACE_TIMEOUT_S
+                    group_name,
+                    [dict(bundle) for _ in range(workers)],
+                    strategy,
+                    PLACE_TIMEOUT_S,
+                    selector,
                 ),
                 timeout=PLACE_TIMEOUT_S + START_TIMEOUT_S,
             )
@@ -321,6 +333,11 @@ class RayExecutor(Executor):
         Holds the process's Ray lock while the caller uses it (Ray Client is one connection)."""
         with _connection_lock:
             ray = self._connect()
+            if self._generation != _generation:
+                self._handles.clear()
+                self._actor_class = None
+                self._group_tasks = None
+                self._generation = _generation
             try:
                 yield ray
             except ExecutorUnavailableError:
@@ -332,7 +349,7 @@ class RayExecutor(Executor):
                 raise self._unavailable(f"the connection was lost ({_text(exc)})") from exc
 
     def _connect(self) -> ModuleType:
-        global _connected_address
+        global _connected_address, _generation
         try:
             import ray
         except ImportError:
@@ -370,6 +387,7 @@ class RayExecutor(Executor):
                 if not isinstance(exc, ConnectionAbortedError) or attempt == CONNECT_ATTEMPTS:
                     raise self._unavailable(f"Ray Client could not connect ({_text(exc)})") from exc
         _connected_address = self.address
+        _generation += 1
         self._down_until = 0.0
         return ray
 
@@ -703,12 +721,25 @@ def _node_info(entry: Mapping[str, Any]) -> NodeInfo:
     )
 
 
-def _accelerator_key(ray: ModuleType, gpu_type: str) -> str | None:
-    wanted = gpu_type.strip().lower()
-    for key in ray.cluster_resources():
-        if key.startswith(ACCELERATOR_PREFIX) and wanted in key[len(ACCELERATOR_PREFIX) :].lower():
-            return str(key)
-    return None
+def _model_selector(ray: ModuleType, gpu_type: str) -> dict[str, str] | None:
+    """The bundles' label selector for a job asking for ``gpu_type``: the live nodes whose GPUs
+    are that model (by Ray's ``accelerator_type:`` resource or the model label, as ``nodes``
+    reads them), by their ``ray.io/node-id`` label; None when no node has one (admission keeps
+    such a job waiting before it gets here).
+
+    Not the ``accelerator_type:X`` resource in the bundle, Ray's own convention: Ray 2.60's raylet
+    on a node added after a second Ray Client connection crashed ("Check failed:
+    IsCPUOrPlacementGroupCPUResource ... accelerator_type:T4_group_0_... has less availability
+    than requested") when two placement groups reserved that resource - the node and its jobs
+    lost, and a restarted shipyard server makes exactly such a second connection."""
+    ids = sorted(
+        info.node.id
+        for info in (_node_info(entry) for entry in ray.nodes())
+        if info.node.healthy
+        and info.node.id
+        and any(gpu_matches(gpu.model, gpu_type) for gpu in info.node.gpus)
+    )
+    return {NODE_ID_LABEL: f"in({','.join(ids)})"} if ids else None
 
 
 def _actor(ray: ModuleType, name: str) -> Any:

@@ -447,11 +447,16 @@ def _text(exc: BaseException) -> str:
 
 
 def create_group(
-    name: str, bundles: list[dict[str, float]], strategy: str, timeout_s: float
+    name: str,
+    bundles: list[dict[str, float]],
+    strategy: str,
+    timeout_s: float,
+    selector: dict[str, str] | None = None,
 ) -> dict[str, Any] | None:
     """A detached placement group ``name`` (one left by an earlier try of this very attempt is
-    removed first), ready within ``timeout_s``: its id and each bundle's node; None (and
-    nothing left) when Ray cannot place it in time."""
+    removed first), every bundle on a node matching the label ``selector`` when one is given,
+    ready within ``timeout_s``: its id and each bundle's node; None (and nothing left) when Ray
+    cannot place it in time."""
     from ray.util.placement_group import (
         get_placement_group,
         placement_group,
@@ -461,7 +466,13 @@ def create_group(
 
     with contextlib.suppress(ValueError):
         remove_placement_group(get_placement_group(name))
-    group = placement_group(bundles, strategy=strategy, name=name, lifetime="detached")
+    group = placement_group(
+        bundles,
+        strategy=strategy,
+        name=name,
+        lifetime="detached",
+        bundle_label_selector=[dict(selector) for _ in bundles] if selector else None,
+    )
     if not group.wait(timeout_s):
         remove_placement_group(group)
         return None
