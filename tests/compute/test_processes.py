@@ -11,7 +11,9 @@ import psutil
 
 from shipyard.compute.processes import (
     UsageMeter,
+    children,
     create_time,
+    descendants,
     job_processes,
     kill_job,
     process_alive,
@@ -107,3 +109,29 @@ def test_usage_meter_sums_the_tree() -> None:
     finally:
         kill_job("job1", proc.pid, grace=0.3)
         proc.wait()
+
+
+def test_descendants_from_proc_children_match_psutils_walk() -> None:
+    """The watch's cheap walk (``/proc/PID/task/*/children``) finds the same tree as psutil's
+    scan of every process, grandchildren and children of other threads included."""
+    code = (
+        "import subprocess, sys, threading, time\n"
+        "subprocess.Popen([sys.executable, '-c', "
+        '\'import subprocess, time; subprocess.Popen(["sleep", "30"]); time.sleep(30)\'])\n'
+        "threading.Thread(target=lambda: subprocess.Popen(['sleep', '30'])).start()\n"
+        "time.sleep(30)\n"
+    )
+    leader = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        proc = psutil.Process(leader.pid)
+        wait_for(lambda: len(proc.children(recursive=True)) == 3, what="three descendants")
+        found = descendants(leader.pid)
+        assert found is not None, "this kernel has /proc/PID/task/TID/children files"
+        assert sorted(found) == sorted(p.pid for p in proc.children(recursive=True))
+        assert children(os.getpid()) is not None and leader.pid in (children(os.getpid()) or [])
+    finally:
+        for member in psutil.Process(leader.pid).children(recursive=True):
+            member.kill()
+        leader.kill()
+        leader.wait()
+    assert descendants(leader.pid) is None  # gone: no answer rather than an empty tree

@@ -190,9 +190,63 @@ def _belongs(proc: psutil.Process, job_id: str) -> bool:
 def _tree(leader: int) -> list[psutil.Process]:
     try:
         proc = psutil.Process(leader)
-        return [proc, *proc.children(recursive=True)]
+        pids = descendants(leader)
+        if pids is None:
+            return [proc, *proc.children(recursive=True)]
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return []
+    procs = [proc]
+    for pid in pids:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            procs.append(psutil.Process(pid))
+    return procs
+
+
+def children(pid: int) -> list[int] | None:
+    """The pids of ``pid``'s children, from ``/proc/PID/task/*/children`` (each thread's); None
+    when this kernel has no such files (``CONFIG_PROC_CHILDREN``) or ``pid`` is gone.
+
+    psutil finds children by reading every process's ``/proc/N/stat``: 4 ms of CPU with 80
+    processes on the machine, per call - the watch of a gang made several a look. This reads a
+    file per thread of ``pid`` only. A child forked while we read may be missed (the kernel's
+    caveat); the next look sees it."""
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children", "rb") as f:
+                found.extend(int(word) for word in f.read().split())
+        except FileNotFoundError:
+            if os.path.isdir(f"/proc/{pid}/task/{task}"):
+                return None  # the thread is there, its children file is not: no support
+        except (OSError, ValueError):
+            continue  # the thread ended while we read
+    return found
+
+
+def descendants(pid: int) -> list[int] | None:
+    """Every descendant of ``pid`` (breadth first), or None when ``children`` cannot tell."""
+    out: list[int] = []
+    frontier = [pid]
+    seen = {pid}
+    while frontier:
+        nxt: list[int] = []
+        for parent in frontier:
+            kids = children(parent)
+            if kids is None:
+                if parent == pid:
+                    return None
+                continue  # it ended while we walked
+            for kid in kids:
+                if kid not in seen:
+                    seen.add(kid)
+                    out.append(kid)
+                    nxt.append(kid)
+        frontier = nxt
+    return out
 
 
 def _groups(procs: Iterable[psutil.Process], leader: int | None) -> set[int]:
@@ -241,11 +295,18 @@ def reap_orphans(*, keep: int | Collection[int] | None = None) -> int:
     which their ``Popen`` waits for); returns how many were reaped."""
     kept = {keep} if isinstance(keep, int) else set(keep or ())
     reaped = 0
-    try:
-        children = psutil.Process().children()
-    except psutil.Error:
-        return 0
-    for child in children:
+    pids = children(os.getpid())
+    procs: list[psutil.Process] = []
+    if pids is None:
+        try:
+            procs = psutil.Process().children()
+        except psutil.Error:
+            return 0
+    for pid in pids or ():
+        if pid not in kept:
+            with contextlib.suppress(psutil.Error):
+                procs.append(psutil.Process(pid))
+    for child in procs:
         if child.pid in kept:
             continue
         with contextlib.suppress(psutil.Error):
