@@ -267,6 +267,125 @@ def data_show(
         console.print(f"  {'ok' if check.passed else 'FAILED'} {check.check}: {check.message}")
 
 
+@data_app.command("versions")
+def data_versions(
+    name: Annotated[str, typer.Argument(help="Dataset name.")], project: ProjectOpt = None
+) -> None:
+    """List a dataset's versions, oldest first."""
+    table = Table("version", "files", "bytes", "new bytes", "by", "created", "message")
+    for dv in _client().datasets.versions(name, project=project):
+        table.add_row(
+            f"v{dv.version}",
+            str(dv.file_count),
+            str(dv.total_bytes),
+            str(dv.new_bytes),
+            dv.created_by,
+            _ago(dv.created_at),
+            dv.message,
+        )
+    console.print(table)
+
+
+@data_app.command("status")
+def data_status(
+    path: Annotated[Path, typer.Argument(help="The working folder.")] = Path("."),
+    dataset: Annotated[str, typer.Option("--dataset", "-d", help="Dataset name.")] = "",
+    version: Annotated[
+        str, typer.Option("--version", "-v", help="Version (default: latest).")
+    ] = "",
+    project: ProjectOpt = None,
+) -> None:
+    """Compare a folder with a dataset version: files added, modified, removed (exit 1 when
+    they differ). Unchanged files are known from the stat cache without being read."""
+    if not dataset:
+        raise typer.BadParameter("name the dataset to compare with: --dataset NAME")
+    st = _client().datasets.status(path, name=dataset, version=version or None, project=project)
+    for mark, paths in (("added", st.added), ("modified", st.modified), ("removed", st.removed)):
+        for shown in paths:
+            console.print(f"  {mark:9} {shown}")
+    summary = (
+        f"{len(st.added)} added, {len(st.modified)} modified, {len(st.removed)} removed, "
+        f"{st.unchanged} unchanged"
+    )
+    console.print("clean: " + summary if st.clean else summary)
+    if not st.clean:
+        raise typer.Exit(1)
+
+
+@data_app.command("diff")
+def data_diff(
+    a: Annotated[str, typer.Argument(help="NAME@VERSION (the older).")],
+    b: Annotated[str, typer.Argument(help="NAME@VERSION, or @VERSION of the same dataset.")],
+    project: ProjectOpt = None,
+) -> None:
+    """Files added, removed and modified between two versions, and tables whose row count or
+    columns changed."""
+    name, _, va = a.partition("@")
+    other, _, vb = b.partition("@")
+    if other and other != name:
+        raise typer.BadParameter(f"both versions must be of one dataset ({name!r}, {other!r})")
+    if not name or not va or not vb:
+        raise typer.BadParameter("give two versions: NAME@A NAME@B")
+    changes = _client().datasets.diff(name, va, vb, project=project)
+    for mark in ("added", "removed", "modified"):
+        for shown in changes[mark]:
+            console.print(f"  {mark:9} {shown}")
+    for table in changes["tables"]:
+        rows = table["rows"]
+        parts = [f"rows {rows[0]} -> {rows[1]}"] if rows[0] != rows[1] else []
+        parts += [f"+{c}" for c in table["added"]] + [f"-{c}" for c in table["removed"]]
+        parts += table["retyped"]
+        console.print(f"  table     {table['path']}: {', '.join(parts)}")
+    console.print(
+        f"{len(changes['added'])} added, {len(changes['removed'])} removed, "
+        f"{len(changes['modified'])} modified"
+    )
+
+
+@data_app.command("checkout")
+def data_checkout(
+    ref: Annotated[str, typer.Argument(help="NAME or NAME@VERSION.")],
+    dest: Annotated[Path, typer.Argument(help="Folder to write the files into.")],
+    force: Annotated[
+        bool, typer.Option("--force", help="Overwrite local edits in the folder.")
+    ] = False,
+    link: Annotated[
+        str, typer.Option("--link", help="auto (reflink, else copy), reflink, hardlink or copy.")
+    ] = "auto",
+    project: ProjectOpt = None,
+) -> None:
+    """Write a version's files into a folder; only files that differ are written, and local
+    edits are refused unless --force."""
+    name, _, version = ref.partition("@")
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=err,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("writing", total=None)
+
+        def progress(done: int, total: int, what: str) -> None:
+            bar.update(task, completed=done, total=total, description=what[-40:])
+
+        result = _client().datasets.checkout(
+            name,
+            dest,
+            version or None,
+            project=project,
+            force=force,
+            link=link,  # type: ignore[arg-type]  # checked by the writer, naming the field
+            progress=progress,
+        )
+    how = f" ({result.linked} linked)" if result.linked else ""
+    console.print(
+        f"{result.dest}: {result.written} files written{how}, {result.unchanged} unchanged"
+        + (f", {len(result.overwritten)} local edits overwritten" if result.overwritten else "")
+    )
+
+
 def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
 

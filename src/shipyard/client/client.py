@@ -27,6 +27,11 @@ from shipyard.client.local import LocalBackend
 from shipyard.compute.policy.base import priority_value
 from shipyard.compute.snapshot import code_source
 from shipyard.context import open_context
+from shipyard.data import worktree
+from shipyard.data.datasets import stat_cache, table_changes
+from shipyard.data.fs import HttpSource, LocalSource, ShipyardFile, Source, open_file
+from shipyard.data.statcache import StatCache
+from shipyard.data.worktree import CheckoutResult, LinkMode, WorktreeStatus
 from shipyard.domain.models import (
     Dataset,
     DatasetVersion,
@@ -128,6 +133,79 @@ class DatasetsClient(_Resource):
         dv = self.get(name, version, project=project)
         return self._b.list_dataset_files(project=dv.project, name=name, version=dv.version)
 
+    def status(
+        self,
+        source: str | Path,
+        *,
+        name: str,
+        version: int | str | None = None,
+        project: str | None = None,
+    ) -> WorktreeStatus:
+        """The folder ``source`` against a version (the latest by default): files ``added``,
+        ``modified`` and ``removed``. Files the stat cache knows unchanged are not read."""
+        files = self.files(name, version, project=project)
+        return worktree.status(files, Path(source), cache=self._stat_cache())
+
+    def diff(
+        self, name: str, a: int | str, b: int | str, *, project: str | None = None
+    ) -> dict[str, Any]:
+        """Paths ``added`` in ``b``, ``removed`` from ``a``, ``modified``, and ``tables``: each
+        table whose row count or columns changed (``datasets.table_changes``)."""
+        old, new = self.get(name, a, project=project), self.get(name, b, project=project)
+        was = {f.path: f.digest for f in self.files(name, old.version, project=project)}
+        now = {f.path: f.digest for f in self.files(name, new.version, project=project)}
+        return {
+            "added": sorted(now.keys() - was.keys()),
+            "removed": sorted(was.keys() - now.keys()),
+            "modified": sorted(p for p in was.keys() & now.keys() if was[p] != now[p]),
+            "tables": table_changes(old, new),
+        }
+
+    def checkout(
+        self,
+        name: str,
+        dest: str | Path,
+        version: int | str | None = None,
+        *,
+        project: str | None = None,
+        force: bool = False,
+        link: LinkMode = "auto",
+        progress: Progress | None = None,
+    ) -> CheckoutResult:
+        """Make the folder ``dest`` hold a version's files, writing only those that differ.
+        Refuses (409, listing them) to overwrite local edits unless ``force``. ``link``:
+        ``auto`` (reflink, else copy), ``reflink``, ``hardlink`` (read-only loose blobs) or
+        ``copy``; through a server, files are downloaded (``auto`` or ``copy`` only)."""
+        dv = self.get(name, version, project=project)
+        files = self._b.list_dataset_files(project=dv.project, name=name, version=dv.version)
+        if isinstance(self._b, LocalBackend):
+            write = worktree.local_writer(self._b.ctx.blobs, link=link)
+        elif link in ("auto", "copy"):
+            backend = self._b
+
+            def write(entry: FileEntry, target: Path) -> bool:
+                backend.download_blob(entry.digest, target, project=dv.project)
+                return False
+        else:
+            raise InvalidInputError(
+                f"link {link!r} needs the blob store on this machine; through a server use "
+                "'auto' or 'copy'",
+                field="link",
+            )
+        return worktree.checkout(
+            files,
+            Path(dest),
+            cache=self._stat_cache(),
+            write=write,
+            force=force,
+            progress=progress,
+        )
+
+    def _stat_cache(self) -> StatCache:
+        if isinstance(self._b, LocalBackend):
+            return stat_cache(self._b.ctx)
+        return StatCache(Settings.from_env().home / "cache" / "stat.sqlite")
+
     def read_table(
         self, name: str, path: str, version: int | str | None = None, *, project: str | None = None
     ) -> pa.Table:
@@ -144,6 +222,41 @@ class DatasetsClient(_Resource):
         if path.endswith(".csv"):
             return pacsv.read_csv(io.BytesIO(data))
         raise InvalidInputError(f"{path!r} is neither Parquet nor CSV", field="path")
+
+    def open(
+        self,
+        name: str,
+        path: str,
+        version: int | str | None = None,
+        *,
+        project: str | None = None,
+    ) -> ShipyardFile:
+        """One file of a dataset version as a binary, seekable file object that streams from
+        the blob store (ranged reads; never the whole file in memory unless read whole), its
+        blob's digest verified once (``shipyard.data.fs`` says when)."""
+        return open_file(
+            self._file_source(),
+            project=self._project(project),
+            name=name,
+            path=path,
+            version=version,
+        )
+
+    def _file_source(self) -> Source:
+        """Kept per client, so resolved versions and verified digests are reused."""
+        found: Source | None = getattr(self, "_source", None)
+        if found is None:
+            if isinstance(self._b, LocalBackend):
+                found = LocalSource(ctx=self._b.ctx)
+            elif isinstance(self._b, HttpBackend):  # its connection: token and transport
+                found = HttpSource(self._b.url, http=self._b._http)
+            else:
+                raise InvalidInputError(
+                    f"datasets.open needs a local or HTTP backend, not {type(self._b).__name__}",
+                    field="backend",
+                )
+            self._source = found
+        return found
 
 
 class RunsClient(_Resource):

@@ -16,24 +16,26 @@ killed mid-commit therefore leaves at worst some unreferenced blobs, never a par
 from __future__ import annotations
 
 import logging
-import math
+import os
 import re
+import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
-from shipyard.blobs.store import check_digest, check_stored
+from shipyard.blobs.store import SourceFile, check_digest, check_stored
 from shipyard.context import Context, new_id
+from shipyard.data import quality, worktree
+from shipyard.data.scan import ScannedFile, check_path, scan_source
+from shipyard.data.statcache import StatCache
+from shipyard.data.worktree import CheckoutResult, LinkMode, WorktreeStatus
 from shipyard.domain.models import (
-    ColumnProfile,
     Dataset,
     DatasetProfile,
     DatasetVersion,
@@ -46,11 +48,12 @@ from shipyard.domain.principals import Role
 from shipyard.errors import ConflictError, InvalidInputError, NotFoundError
 from shipyard.security import audit
 from shipyard.security.blobrefs import add_refs, require_refs
-from shipyard.security.paths import safe_file, safe_join, walk_files
+from shipyard.security.paths import safe_file, walk_files
 from shipyard.security.rbac import authorize
 from shipyard.store.engine import lock
 from shipyard.store.queries import project_id
 from shipyard.store.tables import (
+    BlobRefRow,
     DatasetRow,
     DatasetVersionRow,
     LockRow,
@@ -68,9 +71,6 @@ VersionRef = int | str | None
 """A version: ``3``, ``"3"``, ``"v3"``, or ``None`` / ``"latest"`` for the newest one."""
 
 TABLE_SUFFIXES = (".parquet", ".csv")
-PROFILE_MAX_BYTES = 512 * 1024 * 1024
-"""Tables larger than this are not loaded for profiling (it would need their whole content in
-memory); the skip is recorded as a failed validation check rather than silently."""
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -81,6 +81,7 @@ MANIFEST_SCHEMA = pa.schema(
 )
 
 _COMMIT_ATTEMPTS = 5
+_REFS_PER_QUERY = 5000  # digests per IN (...) query: SQLite caps a statement's parameters
 _VERSION_RE = re.compile(r"^v?([0-9]{1,9})$")
 
 
@@ -132,11 +133,12 @@ def _commit(
     validate_name(project, field="project")
     validate_name(name, field="name")
     authorize(ctx, project=project, need=Role.EDITOR)
-    entries = _check_entries(ctx, files)
-    total = sum(e.size for e in entries)
-
     base = _latest_version(ctx, project=project, name=name)
     base_files = _read_manifest(ctx, base.manifest_digest) if base else []
+    # The previous version's blobs are referenced, so stored (the collector keeps them): only
+    # the others are looked up in the store.
+    entries = _check_entries(ctx, files, trusted={f.digest: f.size for f in base_files})
+    total = sum(e.size for e in entries)
     if base is not None and base_files == entries:
         return base
     known = {f.digest for f in base_files}
@@ -144,8 +146,13 @@ def _commit(
         ctx, project=project, digests={e.digest for e in entries} - known, field="files.digest"
     )
     _verify_blobs(ctx, files, skip=verified | {f.digest for f in base_files})
-    profile, validation = _profile(
-        ctx, entries, known=_known_tables(base, base_files), progress=progress
+    profile, validation = quality.inspect(
+        ctx,
+        entries,
+        suite=quality.suite_for(ctx, entries),
+        parent_files=base_files,
+        known=_known_tables(base, base_files),
+        progress=progress,
     )
     manifest_digest = ctx.blobs.put_bytes(_manifest_bytes(entries)).digest
 
@@ -162,7 +169,8 @@ def _commit(
             profile=profile,
             validation=validation,
             message=message,
-            digests=[manifest_digest, *(e.digest for e in entries)],
+            # the previous version's blobs are referenced by the project already
+            digests=[manifest_digest, *({e.digest for e in entries} - known)],
         )
         if committed is not None:
             return committed
@@ -188,25 +196,25 @@ def commit_directory(
 ) -> DatasetVersion:
     """Put every file under ``source`` into the blob store and commit them as the next version.
 
-    A single file is committed under its base name. Files are streamed into the store (identical
-    content is stored once); ``progress`` reports that upload. Every path is checked before the
-    first byte is stored, so a symlink that points out of ``source`` (or, for a single file, out
-    of its folder), a hard link, or an unsafe file name (an :class:`UnsafePathError` naming it)
-    leaves the store untouched.
+    A single file is committed under its base name. A file whose stamps (inode, size, mtime,
+    ctime) are those the stat cache recorded is not read again; the others are hashed and stored
+    by ``BlobStore.put_files`` (small ones packed, large ones chunked; identical content is
+    stored once); ``progress`` reports that pass. Every path is checked before the first byte is
+    stored, so a symlink that points out of ``source`` (or, for a single file, out of its
+    folder), a hard link, or an unsafe file name (an :class:`UnsafePathError` naming it) leaves
+    the store untouched. A file that changes while it is read fails the commit
+    (``FileChangedError``, 409) and nothing is committed.
     """
     validate_name(project, field="project")
     validate_name(name, field="name")
     authorize(ctx, project=project, need=Role.EDITOR)
-    found = source_files(Path(source))
-    total = sum(real.stat().st_size for _, real in found)
-    done = 0
-    entries: list[FileEntry] = []
-    for rel, real in found:
-        put = ctx.blobs.put_file(real)  # hashes what it stores, and re-hashes what was there
-        entries.append(FileEntry(path=rel, digest=put.digest, size=put.size))
-        done += put.size
-        if progress is not None:
-            progress(done, max(total, done), rel)
+    source = Path(source)
+    found = scan_source(source)
+    root = Path(os.path.realpath(source if source.is_dir() else source.parent))
+    base = _latest_version(ctx, project=project, name=name)
+    base_digests = {f.digest for f in _read_manifest(ctx, base.manifest_digest)} if base else set()
+    digests, created = _store_files(ctx, root, found, base_digests=base_digests, progress=progress)
+    entries = [FileEntry(path=f.path, digest=digests[f.path], size=f.size) for f in found]
     return _commit(
         ctx,
         project=project,
@@ -214,8 +222,57 @@ def commit_directory(
         files=entries,
         message=message,
         progress=None,
-        verified=frozenset(e.digest for e in entries),
+        verified=frozenset(created),
     )
+
+
+def _store_files(
+    ctx: Context,
+    root: Path,
+    found: list[ScannedFile],
+    *,
+    base_digests: set[str],
+    progress: Progress | None,
+) -> tuple[dict[str, str], set[str]]:
+    """Each file's digest by path, and the digests this call stored (hashed on the way in)."""
+    cache = stat_cache(ctx)
+    known = cache.load(root)
+    digests: dict[str, str] = {}
+    todo: list[ScannedFile] = []
+    total = sum(f.size for f in found)
+    done = 0
+    for f in found:
+        hit = cache.lookup(known, f)
+        if hit is not None and (hit in base_digests or ctx.blobs.exists(hit)):
+            digests[f.path] = hit
+            done += f.size
+        else:
+            todo.append(f)
+    if progress is not None and done:
+        progress(done, total, found[-1].path)
+    hashed_at = time.time_ns()
+    by_real = {f.real: f for f in todo}
+
+    def stored(source: SourceFile) -> None:
+        nonlocal done
+        done += source.size
+        if progress is not None:
+            progress(done, max(total, done), by_real[str(source.path)].path)
+
+    puts = ctx.blobs.put_files(
+        [SourceFile(f.real, f.size, f.mtime_ns, f.ctime_ns, shown=f.path) for f in todo],
+        progress=stored,
+    )
+    for f, put in zip(todo, puts, strict=True):
+        digests[f.path] = put.digest
+    gone = known.keys() - digests.keys()
+    cache.save(root, [(f, digests[f.path]) for f in todo], hashed_at_ns=hashed_at, gone=gone)
+    return digests, {p.digest for p in puts if p.created}
+
+
+def stat_cache(ctx: Context) -> StatCache:
+    """This home's stat cache (``data.statcache``)."""
+    return StatCache(ctx.settings.home / "cache" / "stat.sqlite")
 
 
 # --- reads --------------------------------------------------------------------------------------
@@ -304,6 +361,42 @@ def diff_versions(
     }
 
 
+def table_changes(old: DatasetVersion, new: DatasetVersion) -> list[dict[str, Any]]:
+    """For each table in both versions' profiles whose shape changed: its path, ``rows``
+    (old, new), and columns ``added``, ``removed`` and ``retyped`` (``name: old -> new``)."""
+    before = {t.path: t for t in old.profile.tables}
+    changes: list[dict[str, Any]] = []
+    for table in new.profile.tables:
+        was = before.get(table.path)
+        if was is None:
+            continue
+        old_types = {c.name: c.type for c in was.columns}
+        new_types = {c.name: c.type for c in table.columns}
+        change: dict[str, Any] = {
+            "path": table.path,
+            "rows": [was.rows, table.rows],
+            "added": sorted(new_types.keys() - old_types.keys()),
+            "removed": sorted(old_types.keys() - new_types.keys()),
+            "retyped": sorted(
+                f"{c}: {old_types[c]} -> {new_types[c]}"
+                for c in old_types.keys() & new_types.keys()
+                if old_types[c] != new_types[c]
+            ),
+        }
+        if was.rows != table.rows or change["added"] or change["removed"] or change["retyped"]:
+            changes.append(change)
+    return changes
+
+
+def status(
+    ctx: Context, *, project: str, name: str, source: Path, version: VersionRef = None
+) -> WorktreeStatus:
+    """The folder ``source`` against a version (the latest by default): files added, modified
+    and removed. Files the stat cache knows unchanged are not read (``data.worktree``)."""
+    files = list_files(ctx, project=project, name=name, version=version)
+    return worktree.status(files, Path(source), cache=stat_cache(ctx))
+
+
 def checkout(
     ctx: Context,
     *,
@@ -312,25 +405,51 @@ def checkout(
     version: VersionRef,
     dest: Path,
     progress: Progress | None = None,
+    force: bool = False,
+    link: LinkMode = "auto",
 ) -> Path:
     """Write the version's files under ``dest`` (created if needed) and return it.
 
-    Each file is written atomically from a hash-verified blob, to a path confined to ``dest``
-    (a symlink already in ``dest`` that points out is refused before anything is written). Files
-    of ``dest`` that the version does not list are left alone.
+    Incremental: a file already there with the version's content is left as it is (the stat
+    cache says so without reading it); the others are written atomically from hash-verified
+    blobs, linked as ``link`` says (``data.worktree.local_writer``), to paths confined to
+    ``dest`` (a symlink already in ``dest`` that points out is refused before anything is
+    written). A file to overwrite that holds local edits refuses the checkout (409, listing
+    them) unless ``force``. Files of ``dest`` that the version does not list are left alone.
     """
+    return checkout_version(
+        ctx,
+        project=project,
+        name=name,
+        version=version,
+        dest=dest,
+        progress=progress,
+        force=force,
+        link=link,
+    ).dest
+
+
+def checkout_version(
+    ctx: Context,
+    *,
+    project: str,
+    name: str,
+    version: VersionRef,
+    dest: Path,
+    progress: Progress | None = None,
+    force: bool = False,
+    link: LinkMode = "auto",
+) -> CheckoutResult:
+    """:func:`checkout`, telling what it wrote and what it left."""
     files = list_files(ctx, project=project, name=name, version=version)
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    targets = [(entry, safe_join(dest, entry.path)) for entry in files]
-    total = sum(f.size for f in files)
-    done = 0
-    for entry, target in targets:
-        ctx.blobs.copy_to(entry.digest, target)
-        done += entry.size
-        if progress is not None:
-            progress(done, total, entry.path)
-    return dest
+    return worktree.checkout(
+        files,
+        Path(dest),
+        cache=stat_cache(ctx),
+        write=worktree.local_writer(ctx.blobs, link=link),
+        force=force,
+        progress=progress,
+    )
 
 
 def read_table(
@@ -397,14 +516,18 @@ def backfill_file_refs(ctx: Context) -> int:
 # --- helpers: checking input --------------------------------------------------------------------
 
 
-def _check_entries(ctx: Context, files: Sequence[FileEntry]) -> list[FileEntry]:
+def _check_entries(
+    ctx: Context, files: Sequence[FileEntry], *, trusted: dict[str, int]
+) -> list[FileEntry]:
+    """The entries sorted by path, once each is checked; a digest in ``trusted`` (digest ->
+    size: the previous version's blobs) with the same size is not looked up in the store."""
     if not files:
         raise InvalidInputError("a dataset version needs at least one file", field="files")
     seen: set[str] = set()
     folders: set[str] = set()
     for i, entry in enumerate(files):
         field = f"files[{i}].path"
-        validate_relative_path(entry.path, field=field)
+        check_path(entry.path, field=field)
         if entry.path in seen:
             raise InvalidInputError(f"{field} {entry.path!r} is listed twice", field=field)
         seen.add(entry.path)
@@ -424,8 +547,28 @@ def _check_entries(ctx: Context, files: Sequence[FileEntry]) -> list[FileEntry]:
             raise InvalidInputError(message, field=f"{field}.digest") from None
         if entry.size < 0:
             raise InvalidInputError(f"{field}.size must not be negative", field=f"{field}.size")
-        check_stored(ctx.blobs, digest=entry.digest, size=entry.size, path=entry.path, field=field)
+    _check_stored_many(ctx, files, trusted=trusted)
     return sorted(files, key=lambda e: e.path)
+
+
+def _check_stored_many(
+    ctx: Context, files: Sequence[FileEntry], *, trusted: dict[str, int]
+) -> None:
+    """``check_stored`` for every entry whose blob is not in ``trusted``, in one pass: each digest
+    looked up once, and each file holding them touched once (the collector's grace period)."""
+    todo = [(i, e) for i, e in enumerate(files) if trusted.get(e.digest) != e.size]
+    stored = ctx.blobs.sizes([e.digest for _, e in todo])
+    for i, entry in todo:
+        if entry.digest not in stored or stored[entry.digest] != entry.size:
+            # the one-by-one check names the field and the reason
+            check_stored(
+                ctx.blobs,
+                digest=entry.digest,
+                size=entry.size,
+                path=entry.path,
+                field=f"files[{i}]",
+            )
+    ctx.blobs.touch_many(list(stored))
 
 
 def source_files(source: Path) -> list[tuple[str, Path]]:
@@ -471,7 +614,12 @@ def _verify_blobs(ctx: Context, files: Sequence[FileEntry], *, skip: frozenset[s
 
 def _read_manifest(ctx: Context, digest: str) -> list[FileEntry]:
     table = pq.read_table(pa.BufferReader(ctx.blobs.get_bytes(digest)))
-    return [FileEntry(**row) for row in table.select(MANIFEST_SCHEMA.names).to_pylist()]
+    columns = table.select(MANIFEST_SCHEMA.names).to_pydict()
+    # our own manifest, hash-verified: its rows were validated when it was written
+    return [
+        FileEntry.model_construct(path=p, digest=d, size=n)
+        for p, d, n in zip(columns["path"], columns["digest"], columns["size"], strict=True)
+    ]
 
 
 def _parse_version(value: VersionRef) -> int | None:
@@ -488,109 +636,6 @@ def _parse_version(value: VersionRef) -> int | None:
 
 
 # --- helpers: profile, validation, manifest -----------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _TableResult:
-    profile: TableProfile | None
-    error: str | None = None
-
-
-def _profile(
-    ctx: Context,
-    entries: list[FileEntry],
-    *,
-    known: dict[str, TableProfile],
-    progress: Progress | None,
-) -> tuple[DatasetProfile, list[ValidationResult]]:
-    """Profile every table (content already profiled - by digest - is reused) and validate it."""
-    total = sum(e.size for e in entries)
-    done = 0
-    tables: list[TableProfile] = []
-    validation: list[ValidationResult] = []
-    cache: dict[str, _TableResult] = {d: _TableResult(p) for d, p in known.items()}
-    for entry in entries:
-        if _is_table(entry.path):
-            result = cache.get(entry.digest)
-            if result is None:
-                result = cache[entry.digest] = _profile_table(ctx, entry)
-            profile = result.profile
-            if profile is not None:
-                profile = profile.model_copy(update={"path": entry.path})
-                tables.append(profile)
-            validation.extend(_validate_table(entry.path, profile, result.error))
-        done += entry.size
-        if progress is not None:
-            progress(done, total, entry.path)
-    return DatasetProfile(files=len(entries), bytes=total, tables=tables), validation
-
-
-def _profile_table(ctx: Context, entry: FileEntry) -> _TableResult:
-    if entry.size > PROFILE_MAX_BYTES:
-        return _TableResult(None, f"larger than {PROFILE_MAX_BYTES} bytes; not profiled")
-    try:
-        table = _parse_table(entry.path, ctx.blobs.get_bytes(entry.digest))
-    except (pa.ArrowException, ValueError) as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        return _TableResult(None, f"cannot be read as a table: {reason}")
-    columns = [_column_profile(n, table.column(n)) for n in table.column_names]
-    return _TableResult(TableProfile(path=entry.path, rows=table.num_rows, columns=columns))
-
-
-def _column_profile(name: str, column: pa.ChunkedArray) -> ColumnProfile:
-    """Type, non-null ``count`` and ``nulls``; min/max/mean/std (population, NaN ignored) for
-    numbers; ``distinct`` for strings."""
-    kind = column.type
-    if pa.types.is_dictionary(kind):
-        kind = kind.value_type
-        column = column.cast(kind)
-    nulls = column.null_count
-    stats: dict[str, Any] = {}
-    if pa.types.is_integer(kind) or pa.types.is_floating(kind):
-        values = column
-        if pa.types.is_floating(kind):
-            values = pc.filter(column, pc.invert(pc.is_nan(column)))
-        if len(values) - values.null_count > 0:
-            try:
-                bounds = pc.min_max(values)
-                stats = {
-                    "min": _finite(bounds["min"].as_py()),
-                    "max": _finite(bounds["max"].as_py()),
-                    "mean": _finite(pc.mean(values).as_py()),
-                    "std": _finite(pc.stddev(values, ddof=0).as_py()),
-                }
-            except pa.ArrowNotImplementedError:
-                stats = {}
-    elif pa.types.is_string(kind) or pa.types.is_large_string(kind):
-        stats = {"distinct": pc.count_distinct(column, mode="only_valid").as_py()}
-    return ColumnProfile(name=name, type=str(kind), count=len(column) - nulls, nulls=nulls, **stats)
-
-
-def _validate_table(
-    path: str, profile: TableProfile | None, error: str | None
-) -> list[ValidationResult]:
-    if profile is None:
-        return [ValidationResult(check=f"readable:{path}", passed=False, message=error or "")]
-    all_null = [c.name for c in profile.columns if profile.rows and c.nulls == profile.rows]
-    return [
-        ValidationResult(
-            check=f"readable:{path}",
-            passed=True,
-            message=f"{profile.rows} rows, {len(profile.columns)} columns",
-        ),
-        ValidationResult(
-            check=f"non_empty:{path}",
-            passed=profile.rows > 0,
-            message=f"{profile.rows} rows" if profile.rows else "the table has no rows",
-        ),
-        ValidationResult(
-            check=f"no_all_null_columns:{path}",
-            passed=not all_null,
-            message=f"columns with only nulls: {', '.join(all_null)}"
-            if all_null
-            else "every column has values",
-        ),
-    ]
 
 
 def _known_tables(
@@ -610,7 +655,12 @@ def _new_bytes(entries: Iterable[FileEntry], base_files: Iterable[FileEntry]) ->
 
 
 def _manifest_bytes(entries: list[FileEntry]) -> bytes:
-    table = pa.Table.from_pylist([e.model_dump() for e in entries], schema=MANIFEST_SCHEMA)
+    columns = {
+        "path": [e.path for e in entries],
+        "digest": [e.digest for e in entries],
+        "size": [e.size for e in entries],
+    }
+    table = pa.table(columns, schema=MANIFEST_SCHEMA)
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     return bytes(sink.getvalue().to_pybytes())
@@ -624,13 +674,6 @@ def _parse_table(path: str, data: bytes) -> pa.Table:
 
 def _is_table(path: str) -> bool:
     return path.lower().endswith(TABLE_SUFFIXES)
-
-
-def _finite(value: Any) -> float | None:
-    if value is None:
-        return None
-    number = float(value)
-    return number if math.isfinite(number) else None
 
 
 # --- helpers: rows ------------------------------------------------------------------------------
@@ -655,7 +698,7 @@ def _insert_version(
     with ctx.db.transaction() as s:
         lock(s, "datasets")
         pid = project_id(s, project, create=True)
-        add_refs(s, project_pk=pid, digests=digests)
+        _add_refs_bulk(s, pid, digests)
         dataset = s.scalar(
             select(DatasetRow).where(DatasetRow.project_id == pid, DatasetRow.name == name)
         )
@@ -701,6 +744,30 @@ def _insert_version(
         )
         s.flush()
         return _version(row, project, name)
+
+
+def _add_refs_bulk(s: Session, pid: str, digests: Iterable[str]) -> None:
+    """``blobrefs.add_refs`` for many digests: existing references read in slices (a statement
+    has a bounded number of parameters), the missing ones inserted in one executemany rather
+    than one ORM object each (20,000 files: seconds -> tens of milliseconds)."""
+    wanted = sorted(set(digests))
+    have: set[str] = set()
+    for start in range(0, len(wanted), _REFS_PER_QUERY):
+        part = wanted[start : start + _REFS_PER_QUERY]
+        have.update(
+            s.scalars(
+                select(BlobRefRow.digest).where(
+                    BlobRefRow.project_id == pid, BlobRefRow.digest.in_(part)
+                )
+            )
+        )
+    missing = [d for d in wanted if d not in have]
+    if missing:
+        now = utcnow()
+        s.execute(
+            insert(BlobRefRow),
+            [{"project_id": pid, "digest": d, "created_at": now} for d in missing],
+        )
 
 
 def _latest_version(ctx: Context, *, project: str, name: str) -> DatasetVersion | None:

@@ -18,6 +18,11 @@ that is never committed. ``collect_garbage`` reclaims them, mark and sweep:
    each blob it references before recording it, so a commit in flight is never swept as long as it
    takes less than the grace period (default one hour).
 
+Packed blobs (``blobs.packs``) are reclaimed a pack at a time: a pack none of whose blobs is
+marked goes whole; one that is mostly garbage (``REPACK_GARBAGE`` of its bytes) has its marked
+blobs copied into a new pack, published before the old one is removed; a pack modified within
+the grace period is kept as it is. A chunked blob in use marks its chunks.
+
 ``dry_run`` deletes nothing and reports what would go, with the bytes. A run that deleted
 something writes one ``blobs.gc`` audit event.
 """
@@ -26,11 +31,13 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import BaseModel
 from sqlalchemy import String, Table, delete, select
 
+from shipyard.blobs.store import StoredBlob
 from shipyard.context import Context
 from shipyard.data.datasets import manifest_digests
 from shipyard.errors import InvalidInputError, ShipyardError
@@ -39,6 +46,7 @@ from shipyard.security.rbac import require_server_admin
 from shipyard.store.tables import Base
 
 DEFAULT_GRACE_S = 3600.0
+REPACK_GARBAGE = 0.5
 UPLOADS_DIR = "uploads"  # the server's upload folder in the home (server/routers/blobs.py)
 _UPLOAD_PREFIX = "upload-"
 
@@ -56,6 +64,8 @@ class GcReport(BaseModel):
     kept_recent_bytes: int
     temp_files: int  # stale temp files removed (or that would be)
     temp_bytes: int
+    packs_removed: int = 0  # packs removed whole, or rewritten without their garbage
+    packs_rewritten: int = 0  # of those, how many had live blobs copied to a new pack first
 
 
 def collect_garbage(
@@ -75,10 +85,15 @@ def collect_garbage(
     temp += _stale_uploads(ctx.settings.home / UPLOADS_DIR, cutoff=cutoff, remove=not dry_run)
 
     marked = referenced_digests(ctx)
+    marked |= ctx.blobs.chunks_of(marked)
     removed: list[str] = []
     scanned = swept = swept_bytes = kept = kept_bytes = 0
+    packs: dict[str, list[StoredBlob]] = {}
     for blob in ctx.blobs.iter_blobs():
         scanned += 1
+        if blob.pack is not None:
+            packs.setdefault(blob.pack, []).append(blob)
+            continue
         if blob.digest in marked:
             continue
         if blob.mtime is None or blob.mtime > cutoff:
@@ -90,6 +105,12 @@ def collect_garbage(
             swept_bytes += blob.size
             removed.append(blob.digest)
         # else: refreshed by a writer (or removed by another collector) since it was listed
+    outcome = _sweep_packs(ctx, packs, marked=marked, cutoff=cutoff, dry_run=dry_run)
+    swept += outcome.swept
+    swept_bytes += outcome.swept_bytes
+    kept += outcome.kept
+    kept_bytes += outcome.kept_bytes
+    removed += outcome.removed
 
     report = GcReport(
         dry_run=dry_run,
@@ -102,6 +123,8 @@ def collect_garbage(
         kept_recent_bytes=kept_bytes,
         temp_files=len(temp),
         temp_bytes=sum(size for _, size in temp),
+        packs_removed=outcome.packs_removed,
+        packs_rewritten=outcome.packs_rewritten,
     )
     if not dry_run and (swept or temp):
         # claims on blobs that are gone (unless an upload stored the content again meanwhile)
@@ -151,6 +174,50 @@ def referenced_digests(ctx: Context) -> set[str]:
 
 
 # --- helpers ------------------------------------------------------------------------------------
+
+
+@dataclass
+class _PackSweep:
+    swept: int = 0
+    swept_bytes: int = 0
+    kept: int = 0
+    kept_bytes: int = 0
+    packs_removed: int = 0
+    packs_rewritten: int = 0
+    removed: list[str] = field(default_factory=list)
+
+
+def _sweep_packs(
+    ctx: Context,
+    packs: dict[str, list[StoredBlob]],
+    *,
+    marked: set[str],
+    cutoff: float,
+    dry_run: bool,
+) -> _PackSweep:
+    """Remove packs that hold only garbage, rewrite those that are mostly garbage."""
+    out = _PackSweep()
+    for name, blobs in sorted(packs.items()):
+        garbage = [b for b in blobs if b.digest not in marked]
+        if not garbage:
+            continue
+        if blobs[0].mtime is None or blobs[0].mtime > cutoff:
+            out.kept += len(garbage)
+            out.kept_bytes += sum(b.size for b in garbage)
+            continue
+        total = sum(b.size for b in blobs)
+        waste = sum(b.size for b in garbage)
+        live = len(garbage) < len(blobs)
+        if live and waste < REPACK_GARBAGE * total:
+            continue  # mostly in use: rewriting it would copy more than it frees
+        keep = {b.digest for b in blobs if b.digest in marked}
+        if dry_run or ctx.blobs.remove_pack(name, keep=keep, unless_newer_than=cutoff):
+            out.swept += len(garbage)
+            out.swept_bytes += waste
+            out.packs_removed += 1
+            out.packs_rewritten += int(live)
+            out.removed += [b.digest for b in garbage]
+    return out
 
 
 def _claim_tables() -> list[Table]:

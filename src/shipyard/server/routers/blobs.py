@@ -5,19 +5,26 @@ when its BLAKE3 digest equals the one in the URL; otherwise nothing is stored an
 a 400 naming both digests. Downloads stream the stored blob; the store re-checks its hash as it
 streams, and the last chunk is held back until that check passed, so a blob whose content went
 bad is never delivered whole: the response is cut short of its Content-Length.
+
+A ``Range: bytes=START-END`` request (one range; ``START-`` and ``-SUFFIX`` too) gets a 206 with
+just those bytes, streamed from the store, so ``shipyard://`` readers (a Parquet reader reading a
+footer and a few columns) never fetch a whole file. A range cannot be checked against the
+digest; the reader verifies the blob (``shipyard.data.fs``). A malformed or multi-range header is
+ignored (the whole blob, 200, as RFC 9110 allows); a range past the end is a 416.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Request, Response
+from fastapi import APIRouter, Header, Path, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
-from shipyard.blobs.store import check_digest
+from shipyard.blobs.store import CHUNK, BlobStore, check_digest
 from shipyard.domain.principals import Role
 from shipyard.schemas import DIGEST_RULE, ErrorBody, Size
 from shipyard.security import audit
@@ -41,6 +48,8 @@ _RAW_BODY = {
 }
 
 
+_RANGE_RE = re.compile(r"^bytes=([0-9]{0,19})-([0-9]{0,19})$")
+
 # The digest rule is published in the OpenAPI; ``check_digest`` (in the store) enforces it.
 DigestPath = Annotated[str, Path(description="The blob's digest.", json_schema_extra=DIGEST_RULE)]
 
@@ -55,21 +64,59 @@ class BlobInfo(BaseModel):
 def head_blob(project: ProjectPath, digest: DigestPath, ctx: Ctx) -> Response:
     authorize_blob(ctx, project=project, digest=digest, need=Role.VIEWER)
     size = ctx.blobs.size(digest)
-    return Response(headers={"Content-Length": str(size), "ETag": f'"{digest}"'})
+    return Response(
+        headers={"Content-Length": str(size), "ETag": f'"{digest}"', "Accept-Ranges": "bytes"}
+    )
 
 
 @router.get(
     "/{digest}",
     response_class=StreamingResponse,
-    responses={200: {"content": {"application/octet-stream": {}}}},
+    responses={
+        200: {"content": {"application/octet-stream": {}}},
+        206: {"description": "The requested range", "content": {"application/octet-stream": {}}},
+        416: {"model": ErrorBody, "description": "The range starts past the end of the blob"},
+    },
 )
-def get_blob(project: ProjectPath, digest: DigestPath, ctx: Ctx) -> StreamingResponse:
+def get_blob(
+    project: ProjectPath,
+    digest: DigestPath,
+    ctx: Ctx,
+    range_: Annotated[
+        str | None,
+        Header(alias="Range", description="One byte range: bytes=START-END, START- or -SUFFIX."),
+    ] = None,
+) -> Response:
     authorize_blob(ctx, project=project, digest=digest, need=Role.VIEWER)
     size = ctx.blobs.size(digest)  # a clean 404 before the response starts
+    headers = {"ETag": f'"{digest}"', "Accept-Ranges": "bytes"}
+    span = _byte_range(range_, size)
+    if span is None:
+        return StreamingResponse(
+            _one_chunk_late(ctx.blobs.iter_chunks(digest)),
+            media_type="application/octet-stream",
+            headers={**headers, "Content-Length": str(size)},
+        )
+    start, end = span
+    if start >= end:
+        return JSONResponse(
+            {
+                "code": "range_not_satisfiable",
+                "message": f"the range {range_!r} starts past the end of the blob ({size} bytes)",
+                "field": "Range",
+            },
+            status_code=416,
+            headers={**headers, "Content-Range": f"bytes */{size}"},
+        )
     return StreamingResponse(
-        _one_chunk_late(ctx.blobs.iter_chunks(digest)),
+        _read_range(ctx.blobs, digest, start, end),
+        status_code=206,
         media_type="application/octet-stream",
-        headers={"Content-Length": str(size), "ETag": f'"{digest}"'},
+        headers={
+            **headers,
+            "Content-Length": str(end - start),
+            "Content-Range": f"bytes {start}-{end - 1}/{size}",
+        },
     )
 
 
@@ -121,3 +168,34 @@ def _one_chunk_late(chunks: Iterator[bytes]) -> Iterator[bytes]:
         previous = chunk
     if previous is not None:
         yield previous
+
+
+def _byte_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """``(start, end)`` (end exclusive; start >= end when unsatisfiable) of a single-range
+    ``Range`` header, or None to send the whole blob (no header, or one we do not serve)."""
+    match = _RANGE_RE.fullmatch(header.strip()) if header else None
+    if match is None or (not match[1] and not match[2]):
+        return None
+    if not match[1]:  # the last N bytes
+        suffix = int(match[2])
+        return (max(size - suffix, 0), size) if suffix else (size, size)
+    start = int(match[1])
+    end = int(match[2]) + 1 if match[2] else None
+    if end is not None and end <= start:
+        return None  # invalid (last before first): ignored, as RFC 9110 says
+    if start >= size:
+        return (size, size)
+    return (start, size if end is None else min(end, size))
+
+
+def _read_range(blobs: BlobStore, digest: str, start: int, end: int) -> Iterator[bytes]:
+    """Bytes ``start`` to ``end`` of a blob, streamed in chunks (unverified: see the module)."""
+    with blobs.open(digest) as fh:
+        fh.seek(start)
+        left = end - start
+        while left > 0:
+            chunk = fh.read(min(CHUNK, left))
+            if not chunk:
+                return  # a truncated blob: the response ends short of its Content-Length
+            left -= len(chunk)
+            yield chunk
