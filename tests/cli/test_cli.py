@@ -208,3 +208,44 @@ def test_server_refuses_a_public_bind_without_auth(home: Path) -> None:
     assert out.returncode == 2
     assert "refusing to listen on '0.0.0.0' without auth" in out.stderr
     assert "--auth" in out.stderr and "shipyard token create" in out.stderr
+
+
+def test_data_commit_runs_a_checks_file_and_show_flags_poisoning_signals(
+    home: Path, tmp_path: Path
+) -> None:
+    import numpy as np
+
+    folder = tmp_path / "train"
+    folder.mkdir()
+    suite = tmp_path / "checks.yaml"
+    suite.write_text(
+        "tables:\n  - files: '*.parquet'\n    label: label\n    columns:\n      x: {max: 100}\n"
+    )
+
+    def write(seed: int, weights: list[float], x_max: float) -> None:
+        rng = np.random.default_rng(seed)
+        x = rng.uniform(0, 50, 600)
+        x[17] = x_max
+        label = np.array(["cat", "dog", "bird"])[rng.choice(3, 600, p=weights)]
+        pq.write_table(pa.table({"x": x, "label": label}), folder / "t.parquet")
+
+    write(1, [0.4, 0.35, 0.25], x_max=500.0)
+    refused = shipyard(home, "data", "commit", str(folder), "-d", "train", "--checks", str(suite))
+    assert refused.returncode == 1
+    assert "quality.range:t.parquet:x" in refused.stderr and "Traceback" not in refused.stderr
+    assert "train" not in shipyard(home, "data", "list").stdout  # nothing was committed
+
+    write(1, [0.4, 0.35, 0.25], x_max=50.0)
+    first = shipyard(home, "data", "commit", str(folder), "-d", "train", "--checks", str(suite))
+    assert first.returncode == 0, first.stderr
+    assert "ok quality.range:t.parquet:x" in first.stdout
+    write(2, [0.8, 0.1, 0.1], x_max=50.0)
+    second = shipyard(home, "data", "commit", str(folder), "-d", "train", "--checks", str(suite))
+    assert second.returncode == 0, second.stderr
+
+    shown = shipyard(home, "data", "show", "train@2")
+    assert shown.returncode == 0, shown.stderr
+    assert "poisoning signals:" in shown.stdout and "1 flagged" in shown.stdout
+    assert "FLAGGED signal.label_shift:t.parquet: distribution shifted" in shown.stdout
+    missing = shipyard(home, "data", "commit", str(folder), "-d", "train", "--checks", "nope.yaml")
+    assert missing.returncode == 1 and "cannot read the suite file" in missing.stderr

@@ -27,7 +27,7 @@ from shipyard.compute import sim as compute_sim
 from shipyard.compute.policy import POLICIES
 from shipyard.context import open_context
 from shipyard.demo.lifecycle import Reporter, follow_job, run_demo
-from shipyard.domain.models import Job, JobStatus, QuotaSpec
+from shipyard.domain.models import DatasetVersion, Job, JobStatus, QuotaSpec
 from shipyard.errors import IntegrityError, InvalidInputError, ShipyardError, storage_fault
 from shipyard.maintenance.gc import DEFAULT_GRACE_S, collect_garbage
 from shipyard.security import principals as sec_principals
@@ -192,9 +192,20 @@ def data_commit(
     path: Annotated[Path, typer.Argument(help="Folder or file to commit.")],
     dataset: Annotated[str, typer.Option("--dataset", "-d", help="Dataset name.")],
     message: Annotated[str, typer.Option("--message", "-m")] = "",
+    checks: Annotated[
+        Path | None,
+        typer.Option(
+            "--checks",
+            help="A validation suite (YAML, as shipyard-checks.yaml) to run instead of a "
+            "shipyard-checks.yaml among the files.",
+        ),
+    ] = None,
     project: ProjectOpt = None,
 ) -> None:
-    """Commit files as a new, immutable dataset version (content-addressed, deduplicated)."""
+    """Commit files as a new, immutable dataset version (content-addressed, deduplicated).
+
+    A failed error-severity check refuses the commit with the failing rows; warnings and
+    poisoning signals are recorded on the version (see `data show`)."""
     client = _client()
     with Progress(
         TextColumn("{task.description}"),
@@ -210,15 +221,27 @@ def data_commit(
             bar.update(task, completed=done, total=total, description=what[-40:])
 
         dv = client.datasets.commit(
-            path, name=dataset, message=message, project=project, progress=progress
+            path, name=dataset, message=message, project=project, progress=progress, checks=checks
         )
     console.print(
         f"dataset [bold]{dv.dataset}[/bold] v{dv.version}: {dv.file_count} files, "
         f"{dv.total_bytes} bytes ({dv.new_bytes} new), manifest {dv.manifest_digest[:16]}"
     )
-    for check in dv.validation:
-        mark = "[green]ok[/green]" if check.passed else "[red]FAILED[/red]"
-        console.print(f"  {mark} {check.check}: {check.message}")
+    _print_checks(dv)
+
+
+def _print_checks(dv: DatasetVersion) -> None:
+    """The version's checks, then its poisoning signals (``signal.*``), failures first."""
+    checks = [c for c in dv.validation if not c.check.startswith("signal.")]
+    signals = [c for c in dv.validation if c.check.startswith("signal.")]
+    for title, group in (("checks", checks), ("poisoning signals", signals)):
+        if not group:
+            continue
+        flagged = sum(not c.passed for c in group)
+        console.print(f"{title}: {len(group) - flagged} ok, {flagged} flagged")
+        for c in sorted(group, key=lambda c: c.passed):
+            mark = "[green]ok[/green]" if c.passed else "[yellow]FLAGGED[/yellow]"
+            console.print(f"  {mark} {c.check}: {c.message}", highlight=False)
 
 
 @data_app.command("list")
@@ -263,8 +286,7 @@ def data_show(
                 c.name, c.type, str(c.count), str(c.nulls), _num(c.min), _num(c.max), _num(c.mean)
             )
         console.print(prof)
-    for check in dv.validation:
-        console.print(f"  {'ok' if check.passed else 'FAILED'} {check.check}: {check.message}")
+    _print_checks(dv)
 
 
 @data_app.command("versions")

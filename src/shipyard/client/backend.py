@@ -15,6 +15,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from shipyard.domain.checkpoints import Checkpoint
 from shipyard.domain.metrics import PointLike
@@ -42,6 +43,9 @@ from shipyard.domain.models import (
     RunStatus,
 )
 
+if TYPE_CHECKING:
+    from shipyard.data.quality import Suite
+
 Progress = Callable[[int, int, str], None]  # (done, total, what)
 
 
@@ -58,6 +62,7 @@ class Backend(ABC):
         source: Path,
         message: str = "",
         progress: Progress | None = None,
+        checks: Suite | None = None,
     ) -> DatasetVersion: ...
     @abstractmethod
     def list_datasets(self, *, project: str) -> list[Dataset]: ...

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import builtins
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -50,6 +50,9 @@ from shipyard.domain.models import (
 )
 from shipyard.errors import InvalidInputError, NotFoundError
 from shipyard.settings import Settings
+
+if TYPE_CHECKING:
+    from shipyard.data.quality import Suite
 
 
 def backend_from_settings(settings: Settings) -> Backend:
@@ -105,13 +108,20 @@ class DatasetsClient(_Resource):
         message: str = "",
         project: str | None = None,
         progress: Progress | None = None,
+        checks: Suite | Mapping[str, Any] | str | Path | None = None,
     ) -> DatasetVersion:
+        """Commit the folder (or file) ``source`` as the next version of ``name``.
+
+        ``checks``: a validation suite (a :class:`~shipyard.data.quality.Suite`, a mapping of
+        ``shipyard-checks.yaml``'s structure, or that file's path) instead of a
+        ``shipyard-checks.yaml`` among the files; giving both is refused."""
         return self._b.commit_dataset(
             project=self._project(project),
             name=name,
             source=Path(source),
             message=message,
             progress=progress,
+            checks=None if checks is None else _suite(checks),
         )
 
     def list(self, *, project: str | None = None) -> builtins.list[Dataset]:
@@ -257,6 +267,12 @@ class DatasetsClient(_Resource):
                 )
             self._source = found
         return found
+
+
+def _suite(checks: Suite | Mapping[str, Any] | str | Path) -> Suite:
+    from shipyard.data.quality import load_suite  # pandera's import is paid only with a suite
+
+    return load_suite(checks)
 
 
 class RunsClient(_Resource):

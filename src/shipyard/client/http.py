@@ -17,7 +17,7 @@ import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import blake3
 import httpx
@@ -70,6 +70,9 @@ from shipyard.schemas import (
 )
 from shipyard.settings import DEFAULT_PROJECT
 from shipyard.tracking.checkpoints import checkpoint_sources
+
+if TYPE_CHECKING:
+    from shipyard.data.quality import Suite
 
 M = TypeVar("M", bound=BaseModel)
 API = "/api/v1"
@@ -154,6 +157,7 @@ class HttpBackend(Backend):
         source: Path,
         message: str = "",
         progress: Progress | None = None,
+        checks: Suite | None = None,
     ) -> DatasetVersion:
         validate_name(name, field="name")
         files = source_files(Path(source))
@@ -166,7 +170,12 @@ class HttpBackend(Backend):
             done += size
             if progress:
                 progress(done, total, rel)
-        body = _unchecked(CommitDatasetRequest, files=entries, message=message)
+        body = _unchecked(
+            CommitDatasetRequest,
+            files=entries,
+            message=message,
+            checks=None if checks is None else checks.model_dump(mode="json"),
+        )
         return self._json(
             "POST",
             f"{self._p(project)}/datasets/{_seg(name)}/versions",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from shipyard.client.backend import Backend, Progress
 from shipyard.compute import jobs, nodes, queues
@@ -42,6 +43,9 @@ from shipyard.security.blobrefs import authorize_blob
 from shipyard.serving import deployments
 from shipyard.tracking import checkpoints, registry, runs
 
+if TYPE_CHECKING:
+    from shipyard.data.quality import Suite
+
 
 class LocalBackend(Backend):
     def __init__(self, ctx: Context) -> None:
@@ -56,6 +60,7 @@ class LocalBackend(Backend):
         source: Path,
         message: str = "",
         progress: Progress | None = None,
+        checks: Suite | None = None,
     ) -> DatasetVersion:
         return datasets.commit_directory(
             self.ctx,
@@ -64,6 +69,7 @@ class LocalBackend(Backend):
             source=Path(source),
             message=message,
             progress=progress,
+            checks=checks,
         )
 
     def list_datasets(self, *, project: str) -> list[Dataset]:

@@ -96,6 +96,7 @@ def commit_files(
     files: Sequence[FileEntry],
     message: str = "",
     progress: Progress | None = None,
+    checks: quality.Suite | None = None,
 ) -> DatasetVersion:
     """Record ``files`` (already in ``ctx.blobs``) as the next version of dataset ``name``.
 
@@ -117,6 +118,7 @@ def commit_files(
         message=message,
         progress=progress,
         verified=frozenset(),
+        checks=checks,
     )
 
 
@@ -129,6 +131,7 @@ def _commit(
     message: str,
     progress: Progress | None,
     verified: frozenset[str],
+    checks: quality.Suite | None = None,
 ) -> DatasetVersion:
     validate_name(project, field="project")
     validate_name(name, field="name")
@@ -149,7 +152,7 @@ def _commit(
     profile, validation = quality.inspect(
         ctx,
         entries,
-        suite=quality.suite_for(ctx, entries),
+        suite=quality.suite_for(ctx, entries, checks=checks),
         parent_files=base_files,
         known=_known_tables(base, base_files),
         progress=progress,
@@ -193,6 +196,7 @@ def commit_directory(
     source: Path,
     message: str = "",
     progress: Progress | None = None,
+    checks: quality.Suite | None = None,
 ) -> DatasetVersion:
     """Put every file under ``source`` into the blob store and commit them as the next version.
 
@@ -223,6 +227,7 @@ def commit_directory(
         message=message,
         progress=None,
         verified=frozenset(created),
+        checks=checks,
     )
 
 

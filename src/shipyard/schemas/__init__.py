@@ -12,7 +12,7 @@ names its project: the project is the ``/projects/{project}/`` segment of the pa
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
 
@@ -99,6 +99,11 @@ class NewFile(Request):
 class CommitDatasetRequest(Request):
     files: list[NewFile] = Field(min_length=1, max_length=1_000_000)
     message: str = Field(default="", max_length=10_000)
+    checks: dict[str, Any] | None = Field(
+        default=None,
+        description="A validation suite, the structure of shipyard-checks.yaml (instead of that "
+        "file among the files).",
+    )
 
 
 class CreateRunRequest(Request):

@@ -12,7 +12,7 @@ from typing import Annotated
 
 from fastapi import APIRouter
 
-from shipyard.data import datasets
+from shipyard.data import datasets, quality
 from shipyard.domain.models import Dataset, DatasetVersion, FileEntry
 from shipyard.schemas import CommitDatasetRequest, ErrorBody
 from shipyard.server.deps import PROJECT_PREFIX, Ctx, ProjectPath, name_path
@@ -41,7 +41,10 @@ def commit_files(
     project: ProjectPath, name: DatasetName, body: CommitDatasetRequest, ctx: Ctx
 ) -> DatasetVersion:
     files = [FileEntry(path=f.path, digest=f.digest, size=f.size) for f in body.files]
-    return datasets.commit_files(ctx, project=project, name=name, files=files, message=body.message)
+    checks = quality.load_suite(body.checks) if body.checks is not None else None
+    return datasets.commit_files(
+        ctx, project=project, name=name, files=files, message=body.message, checks=checks
+    )
 
 
 @router.get("/{name}/versions")
