@@ -22,6 +22,12 @@ COMMANDS = [
     ["data", "commit"],
     ["data", "list"],
     ["data", "show"],
+    ["data", "versions"],
+    ["data", "tag"],
+    ["data", "rm"],
+    ["data", "restore"],
+    ["data", "pull"],
+    ["data", "checkout"],
     ["run"],
     ["jobs"],
     ["jobs", "list"],
@@ -249,3 +255,34 @@ def test_data_commit_runs_a_checks_file_and_show_flags_poisoning_signals(
     assert "FLAGGED signal.label_shift:t.parquet: distribution shifted" in shown.stdout
     missing = shipyard(home, "data", "commit", str(folder), "-d", "train", "--checks", "nope.yaml")
     assert missing.returncode == 1 and "cannot read the suite file" in missing.stderr
+
+
+def test_data_tag_rm_restore_and_pull(home: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "data"
+    (folder / "images").mkdir(parents=True)
+    (folder / "images" / "a.png").write_bytes(b"png")
+    (folder / "notes.txt").write_bytes(b"notes")
+    assert shipyard(home, "data", "commit", str(folder), "-d", "pics").returncode == 0
+    (folder / "notes.txt").write_bytes(b"notes, again")
+    assert shipyard(home, "data", "commit", str(folder), "-d", "pics").returncode == 0
+
+    tagged = shipyard(home, "data", "tag", "pics@1", "golden")
+    assert tagged.returncode == 0 and "pics@golden -> v1" in tagged.stdout
+    moved = shipyard(home, "data", "tag", "pics@2", "golden")
+    assert moved.returncode == 1 and "move it with --force" in moved.stderr
+    out = tmp_path / "out"
+    pulled = shipyard(home, "data", "pull", "pics@golden", str(out), "--include", "images/**")
+    assert pulled.returncode == 0, pulled.stderr
+    assert [p.name for p in out.rglob("*") if p.is_file()] == ["a.png"]
+
+    removed = shipyard(home, "data", "rm", "pics@golden")
+    assert removed.returncode == 0 and "deleted pics v1" in removed.stdout
+    listed = shipyard(home, "data", "versions", "pics")
+    assert "v2" in listed.stdout and "v1" not in listed.stdout
+    assert "v1 (deleted)" in shipyard(home, "data", "versions", "pics", "--all").stdout
+    gone = shipyard(home, "data", "show", "pics@1")
+    assert gone.returncode == 1 and "data restore pics@1" in gone.stderr
+    assert shipyard(home, "data", "restore", "pics@1").returncode == 0
+    assert "golden" in shipyard(home, "data", "versions", "pics").stdout
+    no_version = shipyard(home, "data", "rm", "pics")
+    assert no_version.returncode == 1 and "name the version" in no_version.stderr

@@ -118,6 +118,7 @@ def _fill(path: str, project: str, world: Fixture) -> str:
         "version": "1",
         "ref": "1",
         "alias": "production",
+        "tag": "walk",
         "kind": "run",
         "id": ids["run"],
         "principal": "spare",
@@ -152,6 +153,7 @@ def _body(method: str, path: str, project: str, world: Fixture) -> dict[str, Any
         ("POST", "/datasets/{name}/versions"): {
             "files": [{"path": "data.txt", "digest": ids["blob"], "size": int(ids["size"])}]
         },
+        ("PUT", "/datasets/{name}/tags/{tag}"): {"version": 1},
         ("POST", "/runs"): {"name": "walk"},
         ("PATCH", "/runs/{run_id}"): {"status": "finished"},
         ("POST", "/runs/{run_id}/log-batch"): {

@@ -153,8 +153,10 @@ def test_datasets(client: TestClient) -> None:
     listed = _ok(client.get(f"{PP}/datasets/ds/versions/1/files"))
     assert [(f["path"], f["size"]) for f in listed] == [("a.txt", 5), ("sub/b.txt", 4)]
 
-    bad_ref = client.get(f"{PP}/datasets/ds/versions/zero")
+    bad_ref = client.get(f"{PP}/datasets/ds/versions/v0")
     assert bad_ref.status_code == 422 and bad_ref.json()["field"] == "version"
+    no_tag = client.get(f"{PP}/datasets/ds/versions/zero")  # a name: a tag, and there is none
+    assert no_tag.status_code == 404 and "no version or tag 'zero'" in no_tag.json()["message"]
     missing_blob = client.post(
         f"{PP}/datasets/ds/versions",
         json={

@@ -291,13 +291,16 @@ def data_show(
 
 @data_app.command("versions")
 def data_versions(
-    name: Annotated[str, typer.Argument(help="Dataset name.")], project: ProjectOpt = None
+    name: Annotated[str, typer.Argument(help="Dataset name.")],
+    all_: Annotated[bool, typer.Option("--all", help="Show soft-deleted versions too.")] = False,
+    project: ProjectOpt = None,
 ) -> None:
-    """List a dataset's versions, oldest first."""
-    table = Table("version", "files", "bytes", "new bytes", "by", "created", "message")
-    for dv in _client().datasets.versions(name, project=project):
+    """List a dataset's versions, oldest first, with their tags."""
+    table = Table("version", "tags", "files", "bytes", "new bytes", "by", "created", "message")
+    for dv in _client().datasets.versions(name, project=project, include_deleted=all_):
         table.add_row(
-            f"v{dv.version}",
+            f"v{dv.version}" + (" (deleted)" if dv.deleted_at else ""),
+            ", ".join(dv.tags),
             str(dv.file_count),
             str(dv.total_bytes),
             str(dv.new_bytes),
@@ -306,6 +309,60 @@ def data_versions(
             dv.message,
         )
     console.print(table)
+
+
+@data_app.command("tag")
+def data_tag(
+    ref: Annotated[str, typer.Argument(help="NAME@VERSION to tag.")],
+    tag: Annotated[str, typer.Argument(help="The tag; then NAME@TAG reads that version.")],
+    force: Annotated[
+        bool, typer.Option("--force", help="Move the tag if another version holds it.")
+    ] = False,
+    delete: Annotated[bool, typer.Option("--delete", help="Remove the tag instead.")] = False,
+    project: ProjectOpt = None,
+) -> None:
+    """Tag a dataset version (or remove a tag with --delete)."""
+    name, _, version = ref.partition("@")
+    if delete:
+        _client().datasets.untag(name, tag, project=project)
+        console.print(f"removed tag {tag} of {name}")
+        return
+    dv = _client().datasets.tag(
+        name, _need_version(ref, version), tag, force=force, project=project
+    )
+    console.print(f"{dv.dataset}@{tag} -> v{dv.version}")
+
+
+@data_app.command("rm")
+def data_rm(
+    ref: Annotated[str, typer.Argument(help="NAME@VERSION (or NAME@TAG) to delete.")],
+    project: ProjectOpt = None,
+) -> None:
+    """Soft-delete a version: hidden and unreadable, restorable with `data restore` until
+    `shipyard gc` reclaims the files only it held."""
+    name, _, version = ref.partition("@")
+    dv = _client().datasets.delete(name, _need_version(ref, version), project=project)
+    console.print(
+        f"deleted {dv.dataset} v{dv.version}; `shipyard data restore {dv.dataset}@{dv.version}` "
+        "undoes it until `shipyard gc` runs"
+    )
+
+
+@data_app.command("restore")
+def data_restore(
+    ref: Annotated[str, typer.Argument(help="NAME@VERSION to restore.")],
+    project: ProjectOpt = None,
+) -> None:
+    """Undo `data rm` (before `shipyard gc` reclaimed the version)."""
+    name, _, version = ref.partition("@")
+    dv = _client().datasets.restore(name, _need_version(ref, version), project=project)
+    console.print(f"restored {dv.dataset} v{dv.version}")
+
+
+def _need_version(ref: str, version: str) -> str:
+    if not version:
+        raise InvalidInputError(f"{ref!r}: name the version, as NAME@3 or NAME@TAG", field="ref")
+    return version
 
 
 @data_app.command("status")
@@ -374,10 +431,38 @@ def data_checkout(
     link: Annotated[
         str, typer.Option("--link", help="auto (reflink, else copy), reflink, hardlink or copy.")
     ] = "auto",
+    include: Annotated[
+        list[str] | None,
+        typer.Option("--include", help="Only files matching this glob (images/**); repeatable."),
+    ] = None,
     project: ProjectOpt = None,
 ) -> None:
     """Write a version's files into a folder; only files that differ are written, and local
     edits are refused unless --force."""
+    _checkout(ref, dest, force=force, link=link, include=include or [], project=project)
+
+
+@data_app.command("pull")
+def data_pull(
+    ref: Annotated[str, typer.Argument(help="NAME or NAME@VERSION.")],
+    dest: Annotated[Path, typer.Argument(help="Folder to write the files into.")] = Path("."),
+    include: Annotated[
+        list[str] | None,
+        typer.Option("--include", help="Only files matching this glob (images/**); repeatable."),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Overwrite local edits in the folder.")
+    ] = False,
+    project: ProjectOpt = None,
+) -> None:
+    """Fetch part of a version (--include globs; all of it without) into a folder; only the
+    matching files are read or downloaded."""
+    _checkout(ref, dest, force=force, link="auto", include=include or [], project=project)
+
+
+def _checkout(
+    ref: str, dest: Path, *, force: bool, link: str, include: list[str], project: str | None
+) -> None:
     name, _, version = ref.partition("@")
     with Progress(
         TextColumn("{task.description}"),
@@ -400,6 +485,7 @@ def data_checkout(
             force=force,
             link=link,  # type: ignore[arg-type]  # checked by the writer, naming the field
             progress=progress,
+            include=include,
         )
     how = f" ({result.linked} linked)" if result.linked else ""
     console.print(
@@ -864,7 +950,13 @@ def gc_command(
         f"{report.temp_files} stale temp files ({report.temp_bytes} bytes); kept "
         f"{report.scanned - report.swept} of {report.scanned} blobs "
         f"({report.kept_recent} unreferenced but younger than {grace}, "
-        f"{report.kept_recent_bytes} bytes)",
+        f"{report.kept_recent_bytes} bytes)"
+        + (
+            f"; {'would reclaim' if report.dry_run else 'reclaimed'} "
+            f"{report.versions_reclaimed} deleted dataset versions"
+            if report.versions_reclaimed
+            else ""
+        ),
         highlight=False,
     )
 

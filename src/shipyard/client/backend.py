@@ -67,7 +67,23 @@ class Backend(ABC):
     @abstractmethod
     def list_datasets(self, *, project: str) -> list[Dataset]: ...
     @abstractmethod
-    def list_dataset_versions(self, *, project: str, name: str) -> list[DatasetVersion]: ...
+    def list_dataset_versions(
+        self, *, project: str, name: str, include_deleted: bool = False
+    ) -> list[DatasetVersion]: ...
+    @abstractmethod
+    def tag_dataset_version(
+        self, *, project: str, name: str, version: int | str, tag: str, force: bool = False
+    ) -> DatasetVersion: ...
+    @abstractmethod
+    def untag_dataset(self, *, project: str, name: str, tag: str) -> None: ...
+    @abstractmethod
+    def delete_dataset_version(
+        self, *, project: str, name: str, version: int | str
+    ) -> DatasetVersion: ...
+    @abstractmethod
+    def restore_dataset_version(
+        self, *, project: str, name: str, version: int | str
+    ) -> DatasetVersion: ...
     @abstractmethod
     def get_dataset_version(
         self, *, project: str, name: str, version: int | str | None = None

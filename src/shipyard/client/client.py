@@ -28,7 +28,7 @@ from shipyard.compute.policy.base import priority_value
 from shipyard.compute.snapshot import code_source
 from shipyard.context import open_context
 from shipyard.data import worktree
-from shipyard.data.datasets import stat_cache, table_changes
+from shipyard.data.datasets import select_files, stat_cache, table_changes
 from shipyard.data.fs import HttpSource, LocalSource, ShipyardFile, Source, open_file
 from shipyard.data.statcache import StatCache
 from shipyard.data.worktree import CheckoutResult, LinkMode, WorktreeStatus
@@ -127,8 +127,48 @@ class DatasetsClient(_Resource):
     def list(self, *, project: str | None = None) -> builtins.list[Dataset]:
         return self._b.list_datasets(project=self._project(project))
 
-    def versions(self, name: str, *, project: str | None = None) -> builtins.list[DatasetVersion]:
-        return self._b.list_dataset_versions(project=self._project(project), name=name)
+    def versions(
+        self, name: str, *, project: str | None = None, include_deleted: bool = False
+    ) -> builtins.list[DatasetVersion]:
+        """The dataset's versions, oldest first, with their tags (soft-deleted ones too with
+        ``include_deleted``)."""
+        return self._b.list_dataset_versions(
+            project=self._project(project), name=name, include_deleted=include_deleted
+        )
+
+    def tag(
+        self,
+        name: str,
+        version: int | str,
+        tag: str,
+        *,
+        force: bool = False,
+        project: str | None = None,
+    ) -> DatasetVersion:
+        """Name ``version`` ``tag`` so ``name@tag`` reads it; a tag on another version moves
+        only with ``force``."""
+        return self._b.tag_dataset_version(
+            project=self._project(project), name=name, version=version, tag=tag, force=force
+        )
+
+    def untag(self, name: str, tag: str, *, project: str | None = None) -> None:
+        self._b.untag_dataset(project=self._project(project), name=name, tag=tag)
+
+    def delete(
+        self, name: str, version: int | str, *, project: str | None = None
+    ) -> DatasetVersion:
+        """Soft-delete a version: hidden and unreadable, restorable until ``shipyard gc``
+        reclaims the files only it held."""
+        return self._b.delete_dataset_version(
+            project=self._project(project), name=name, version=version
+        )
+
+    def restore(
+        self, name: str, version: int | str, *, project: str | None = None
+    ) -> DatasetVersion:
+        return self._b.restore_dataset_version(
+            project=self._project(project), name=name, version=version
+        )
 
     def get(
         self, name: str, version: int | str | None = None, *, project: str | None = None
@@ -181,13 +221,18 @@ class DatasetsClient(_Resource):
         force: bool = False,
         link: LinkMode = "auto",
         progress: Progress | None = None,
+        include: Sequence[str] = (),
     ) -> CheckoutResult:
         """Make the folder ``dest`` hold a version's files, writing only those that differ.
         Refuses (409, listing them) to overwrite local edits unless ``force``. ``link``:
         ``auto`` (reflink, else copy), ``reflink``, ``hardlink`` (read-only loose blobs) or
-        ``copy``; through a server, files are downloaded (``auto`` or ``copy`` only)."""
+        ``copy``; through a server, files are downloaded (``auto`` or ``copy`` only).
+        ``include``: only the files matching these globs (``images/**``), as :meth:`pull`."""
         dv = self.get(name, version, project=project)
-        files = self._b.list_dataset_files(project=dv.project, name=name, version=dv.version)
+        files = select_files(
+            self._b.list_dataset_files(project=dv.project, name=name, version=dv.version),
+            include,
+        )
         if isinstance(self._b, LocalBackend):
             write = worktree.local_writer(self._b.ctx.blobs, link=link)
         elif link in ("auto", "copy"):
@@ -209,6 +254,23 @@ class DatasetsClient(_Resource):
             write=write,
             force=force,
             progress=progress,
+        )
+
+    def pull(
+        self,
+        name: str,
+        dest: str | Path,
+        version: int | str | None = None,
+        *,
+        include: Sequence[str],
+        project: str | None = None,
+        force: bool = False,
+        progress: Progress | None = None,
+    ) -> CheckoutResult:
+        """Part of a version into ``dest``: the files matching ``include`` (gitignore-style
+        globs, e.g. ``["images/**", "labels.csv"]``); only those are read or downloaded."""
+        return self.checkout(
+            name, dest, version, project=project, force=force, progress=progress, include=include
         )
 
     def _stat_cache(self) -> StatCache:

@@ -186,8 +186,45 @@ class HttpBackend(Backend):
     def list_datasets(self, *, project: str) -> list[Dataset]:
         return self._list(f"{self._p(project)}/datasets", Dataset)
 
-    def list_dataset_versions(self, *, project: str, name: str) -> list[DatasetVersion]:
-        return self._list(f"{self._p(project)}/datasets/{_seg(name)}/versions", DatasetVersion)
+    def list_dataset_versions(
+        self, *, project: str, name: str, include_deleted: bool = False
+    ) -> list[DatasetVersion]:
+        return self._list(
+            f"{self._p(project)}/datasets/{_seg(name)}/versions",
+            DatasetVersion,
+            include_deleted=include_deleted or None,
+        )
+
+    def tag_dataset_version(
+        self, *, project: str, name: str, version: int | str, tag: str, force: bool = False
+    ) -> DatasetVersion:
+        return self._json(
+            "PUT",
+            f"{self._p(project)}/datasets/{_seg(name)}/tags/{_seg(tag, 'tag')}",
+            DatasetVersion,
+            json={"version": version, "force": force},
+        )
+
+    def untag_dataset(self, *, project: str, name: str, tag: str) -> None:
+        self._request("DELETE", f"{self._p(project)}/datasets/{_seg(name)}/tags/{_seg(tag, 'tag')}")
+
+    def delete_dataset_version(
+        self, *, project: str, name: str, version: int | str
+    ) -> DatasetVersion:
+        return self._json(
+            "DELETE",
+            f"{self._p(project)}/datasets/{_seg(name)}/versions/{_seg(version, 'version')}",
+            DatasetVersion,
+        )
+
+    def restore_dataset_version(
+        self, *, project: str, name: str, version: int | str
+    ) -> DatasetVersion:
+        return self._json(
+            "POST",
+            f"{self._p(project)}/datasets/{_seg(name)}/versions/{_seg(version, 'version')}/restore",
+            DatasetVersion,
+        )
 
     def get_dataset_version(
         self, *, project: str, name: str, version: int | str | None = None

@@ -75,8 +75,32 @@ class LocalBackend(Backend):
     def list_datasets(self, *, project: str) -> list[Dataset]:
         return datasets.list_datasets(self.ctx, project=project)
 
-    def list_dataset_versions(self, *, project: str, name: str) -> list[DatasetVersion]:
-        return datasets.list_versions(self.ctx, project=project, name=name)
+    def list_dataset_versions(
+        self, *, project: str, name: str, include_deleted: bool = False
+    ) -> list[DatasetVersion]:
+        return datasets.list_versions(
+            self.ctx, project=project, name=name, include_deleted=include_deleted
+        )
+
+    def tag_dataset_version(
+        self, *, project: str, name: str, version: int | str, tag: str, force: bool = False
+    ) -> DatasetVersion:
+        return datasets.tag_version(
+            self.ctx, project=project, name=name, version=version, tag=tag, force=force
+        )
+
+    def untag_dataset(self, *, project: str, name: str, tag: str) -> None:
+        datasets.untag(self.ctx, project=project, name=name, tag=tag)
+
+    def delete_dataset_version(
+        self, *, project: str, name: str, version: int | str
+    ) -> DatasetVersion:
+        return datasets.delete_version(self.ctx, project=project, name=name, version=version)
+
+    def restore_dataset_version(
+        self, *, project: str, name: str, version: int | str
+    ) -> DatasetVersion:
+        return datasets.restore_version(self.ctx, project=project, name=name, version=version)
 
     def get_dataset_version(
         self, *, project: str, name: str, version: int | str | None = None

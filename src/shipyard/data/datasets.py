@@ -26,6 +26,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
+from sqlalchemy import delete as sa_delete
 from sqlalchemy import func, insert, select
 from sqlalchemy.orm import Session
 
@@ -55,6 +56,7 @@ from shipyard.store.queries import project_id
 from shipyard.store.tables import (
     BlobRefRow,
     DatasetRow,
+    DatasetTagRow,
     DatasetVersionRow,
     LockRow,
     ProjectRow,
@@ -303,46 +305,50 @@ def get_dataset(ctx: Context, *, project: str, name: str) -> Dataset:
         row = _dataset_row(s, project, name)
         latest = s.scalar(
             select(func.max(DatasetVersionRow.version)).where(
-                DatasetVersionRow.dataset_id == row.id
+                DatasetVersionRow.dataset_id == row.id, DatasetVersionRow.deleted_at.is_(None)
             )
         )
         return _dataset(row, project, latest)
 
 
-def list_versions(ctx: Context, *, project: str, name: str) -> list[DatasetVersion]:
-    """Every version of the dataset, oldest first."""
+def list_versions(
+    ctx: Context, *, project: str, name: str, include_deleted: bool = False
+) -> list[DatasetVersion]:
+    """Every version of the dataset, oldest first, with its tags; soft-deleted ones only with
+    ``include_deleted``."""
     authorize(ctx, project=project, need=Role.VIEWER)
     with ctx.db.read() as s:
         row = _dataset_row(s, project, name)
-        versions = s.scalars(
-            select(DatasetVersionRow)
-            .where(DatasetVersionRow.dataset_id == row.id)
-            .order_by(DatasetVersionRow.version)
-        )
-        return [_version(v, project, name) for v in versions]
+        query = select(DatasetVersionRow).where(DatasetVersionRow.dataset_id == row.id)
+        if not include_deleted:
+            query = query.where(DatasetVersionRow.deleted_at.is_(None))
+        versions = list(s.scalars(query.order_by(DatasetVersionRow.version)))
+        tags = _tags_of(s, row.id)
+        return [_version(v, project, name, tags=tags.get(v.id, [])) for v in versions]
 
 
 def get_version(
     ctx: Context, *, project: str, name: str, version: VersionRef = None
 ) -> DatasetVersion:
-    """One version: ``None`` or ``"latest"`` for the newest, else ``3``, ``"3"`` or ``"v3"``."""
-    number = _parse_version(version)
+    """One version: ``None`` or ``"latest"`` for the newest, ``3``, ``"3"`` or ``"v3"``, or a
+    tag (``data tag``). A soft-deleted version is a 404 that says how to restore it."""
     authorize(ctx, project=project, need=Role.VIEWER)
     with ctx.db.read() as s:
         row = _dataset_row(s, project, name)
-        query = select(DatasetVersionRow).where(DatasetVersionRow.dataset_id == row.id)
-        if number is None:
-            query = query.order_by(DatasetVersionRow.version.desc()).limit(1)
-        else:
-            query = query.where(DatasetVersionRow.version == number)
-        found = s.scalar(query)
-        if found is None:
-            what = "no versions yet" if number is None else f"no version {number}"
+        found = _resolve(s, row, project, version)
+        if found.deleted_at is not None:
+            reclaimed = not found.manifest_digest
             raise NotFoundError(
-                f"dataset {name!r} in project {project!r} has {what}; list them with list_versions",
+                f"version {found.version} of dataset {name!r} was deleted by {found.deleted_by} "
+                + (
+                    "and garbage-collected; it cannot be restored"
+                    if reclaimed
+                    else f"; restore it with `shipyard data restore {name}@{found.version}` "
+                    "before `shipyard gc` reclaims it"
+                ),
                 field="version",
             )
-        return _version(found, project, name)
+        return _version(found, project, name, tags=_tags_of(s, row.id).get(found.id, []))
 
 
 def list_files(
@@ -713,16 +719,24 @@ def _insert_version(
             s.flush()
         latest = s.scalar(
             select(DatasetVersionRow)
-            .where(DatasetVersionRow.dataset_id == dataset.id)
+            .where(
+                DatasetVersionRow.dataset_id == dataset.id, DatasetVersionRow.deleted_at.is_(None)
+            )
             .order_by(DatasetVersionRow.version.desc())
             .limit(1)
         )
         if (latest.id if latest else None) != base_id:
             return None
+        # numbers are never reused, not even those of deleted versions
+        top = s.scalar(
+            select(func.max(DatasetVersionRow.version)).where(
+                DatasetVersionRow.dataset_id == dataset.id
+            )
+        )
         row = DatasetVersionRow(
             id=new_id(),
             dataset_id=dataset.id,
-            version=(latest.version if latest else 0) + 1,
+            version=(top or 0) + 1,
             manifest_digest=manifest_digest,
             file_count=file_count,
             total_bytes=total_bytes,
@@ -781,7 +795,11 @@ def _latest_version(ctx: Context, *, project: str, name: str) -> DatasetVersion 
             select(DatasetVersionRow)
             .join(DatasetRow, DatasetRow.id == DatasetVersionRow.dataset_id)
             .join(ProjectRow, ProjectRow.id == DatasetRow.project_id)
-            .where(ProjectRow.name == project, DatasetRow.name == name)
+            .where(
+                ProjectRow.name == project,
+                DatasetRow.name == name,
+                DatasetVersionRow.deleted_at.is_(None),
+            )
             .order_by(DatasetVersionRow.version.desc())
             .limit(1)
         )
@@ -803,7 +821,9 @@ def _dataset_row(s: Session, project: str, name: str) -> DatasetRow:
 def _max_version() -> Any:
     return (
         select(func.max(DatasetVersionRow.version))
-        .where(DatasetVersionRow.dataset_id == DatasetRow.id)
+        .where(
+            DatasetVersionRow.dataset_id == DatasetRow.id, DatasetVersionRow.deleted_at.is_(None)
+        )
         .scalar_subquery()
     )
 
@@ -818,7 +838,9 @@ def _dataset(row: DatasetRow, project: str, latest: int | None) -> Dataset:
     )
 
 
-def _version(row: DatasetVersionRow, project: str, name: str) -> DatasetVersion:
+def _version(
+    row: DatasetVersionRow, project: str, name: str, *, tags: list[str] | None = None
+) -> DatasetVersion:
     return DatasetVersion(
         id=row.id,
         project=project,
@@ -833,4 +855,237 @@ def _version(row: DatasetVersionRow, project: str, name: str) -> DatasetVersion:
         message=row.message,
         created_at=aware(row.created_at) or utcnow(),
         created_by=row.created_by,
+        tags=sorted(tags or []),
+        deleted_at=aware(row.deleted_at),
     )
+
+
+# --- refs: numbers, tags; soft delete ------------------------------------------------------------
+
+_RESERVED_TAGS = ("latest",)
+
+
+def _resolve(s: Session, dataset: DatasetRow, project: str, ref: VersionRef) -> DatasetVersionRow:
+    """The row ``ref`` names: ``None``/``latest`` the newest live one, a number, or a tag."""
+    query = select(DatasetVersionRow).where(DatasetVersionRow.dataset_id == dataset.id)
+    if isinstance(ref, str) and not _VERSION_RE.fullmatch(ref) and ref not in _RESERVED_TAGS:
+        validate_name(ref, field="version")  # a tag
+        found = s.scalar(
+            query.join(DatasetTagRow, DatasetTagRow.version_id == DatasetVersionRow.id).where(
+                DatasetTagRow.dataset_id == dataset.id, DatasetTagRow.tag == ref
+            )
+        )
+        what = f"no version or tag {ref!r}"
+    else:
+        number = _parse_version(ref)
+        if number is None:
+            query = query.where(DatasetVersionRow.deleted_at.is_(None))
+            found = s.scalar(query.order_by(DatasetVersionRow.version.desc()).limit(1))
+            what = "no versions yet"
+        else:
+            found = s.scalar(query.where(DatasetVersionRow.version == number))
+            what = f"no version {number}"
+    if found is None:
+        raise NotFoundError(
+            f"dataset {dataset.name!r} in project {project!r} has {what}; list them with "
+            f"`shipyard data versions {dataset.name}`",
+            field="version",
+        )
+    return found
+
+
+def _tags_of(s: Session, dataset_id: str) -> dict[str, list[str]]:
+    """Each version id of the dataset with its tags."""
+    tags: dict[str, list[str]] = {}
+    for version_id, tag in s.execute(
+        select(DatasetTagRow.version_id, DatasetTagRow.tag).where(
+            DatasetTagRow.dataset_id == dataset_id
+        )
+    ):
+        tags.setdefault(version_id, []).append(tag)
+    return tags
+
+
+def tag_version(
+    ctx: Context, *, project: str, name: str, version: VersionRef, tag: str, force: bool = False
+) -> DatasetVersion:
+    """Name a version ``tag`` (then ``NAME@TAG`` reads it). A tag already on another version is
+    moved only with ``force`` (a 409 says where it points otherwise)."""
+    validate_name(tag, field="tag")
+    if _VERSION_RE.fullmatch(tag) or tag in _RESERVED_TAGS:
+        raise InvalidInputError(
+            f"tag {tag!r} reads as a version reference; choose a name that is not a number, "
+            "'vN' or 'latest'",
+            field="tag",
+        )
+    authorize(ctx, project=project, need=Role.EDITOR)
+    with ctx.db.transaction() as s:
+        dataset = _dataset_row(s, project, name)
+        row = _resolve(s, dataset, project, version)
+        if row.deleted_at is not None:
+            raise ConflictError(
+                f"version {row.version} of dataset {name!r} is deleted; restore it before "
+                "tagging it",
+                field="version",
+            )
+        held = s.get(DatasetTagRow, (dataset.id, tag))
+        if held is not None and held.version_id != row.id:
+            on = s.get(DatasetVersionRow, held.version_id)
+            if not force:
+                raise ConflictError(
+                    f"tag {tag!r} of dataset {name!r} is on version "
+                    f"{on.version if on else '?'}; move it with --force",
+                    field="tag",
+                )
+            held.version_id, held.created_by, held.created_at = row.id, ctx.actor, utcnow()
+        elif held is None:
+            s.add(
+                DatasetTagRow(
+                    dataset_id=dataset.id,
+                    tag=tag,
+                    version_id=row.id,
+                    created_at=utcnow(),
+                    created_by=ctx.actor,
+                )
+            )
+        audit.record(
+            s,
+            actor=ctx.actor,
+            action="dataset.tag",
+            resource=f"project/{project}/dataset/{name}/version/{row.version}",
+            details={"tag": tag, "version_id": row.id},
+        )
+        s.flush()
+        return _version(row, project, name, tags=_tags_of(s, dataset.id).get(row.id, []))
+
+
+def untag(ctx: Context, *, project: str, name: str, tag: str) -> None:
+    """Remove a tag (the version stays)."""
+    authorize(ctx, project=project, need=Role.EDITOR)
+    with ctx.db.transaction() as s:
+        dataset = _dataset_row(s, project, name)
+        held = s.get(DatasetTagRow, (dataset.id, tag))
+        if held is None:
+            raise NotFoundError(f"dataset {name!r} has no tag {tag!r}", field="tag")
+        s.delete(held)
+        audit.record(
+            s,
+            actor=ctx.actor,
+            action="dataset.untag",
+            resource=f"project/{project}/dataset/{name}",
+            details={"tag": tag, "version_id": held.version_id},
+        )
+
+
+def delete_version(ctx: Context, *, project: str, name: str, version: VersionRef) -> DatasetVersion:
+    """Soft-delete a version: hidden from listings and reads (a 404 saying how to restore it),
+    its number never reused; :func:`restore_version` undoes it until ``shipyard gc`` reclaims its
+    files (those no other version, run, model or snapshot holds)."""
+    if version is None or version == "latest":
+        raise InvalidInputError(
+            "name the version to delete (NAME@3 or NAME@TAG), not the latest", field="version"
+        )
+    return _set_deleted(ctx, project=project, name=name, version=version, deleted=True)
+
+
+def restore_version(
+    ctx: Context, *, project: str, name: str, version: VersionRef
+) -> DatasetVersion:
+    """Undo :func:`delete_version` (before ``shipyard gc`` reclaimed the version)."""
+    return _set_deleted(ctx, project=project, name=name, version=version, deleted=False)
+
+
+def _set_deleted(
+    ctx: Context, *, project: str, name: str, version: VersionRef, deleted: bool
+) -> DatasetVersion:
+    authorize(ctx, project=project, need=Role.EDITOR)
+    with ctx.db.transaction() as s:
+        lock(s, "datasets")  # against a commit choosing its base meanwhile
+        dataset = _dataset_row(s, project, name)
+        row = _resolve(s, dataset, project, version)
+        if deleted and row.deleted_at is not None:
+            raise ConflictError(f"version {row.version} of {name!r} is already deleted")
+        if not deleted:
+            if row.deleted_at is None:
+                raise ConflictError(f"version {row.version} of {name!r} is not deleted")
+            if not row.manifest_digest:
+                raise NotFoundError(
+                    f"version {row.version} of {name!r} was garbage-collected; it cannot be "
+                    "restored",
+                    field="version",
+                )
+        row.deleted_at = utcnow() if deleted else None
+        row.deleted_by = ctx.actor if deleted else None
+        audit.record(
+            s,
+            actor=ctx.actor,
+            action="dataset.delete" if deleted else "dataset.restore",
+            resource=f"project/{project}/dataset/{name}/version/{row.version}",
+            details={"version_id": row.id, "manifest_digest": row.manifest_digest},
+        )
+        s.flush()
+        return _version(row, project, name, tags=_tags_of(s, dataset.id).get(row.id, []))
+
+
+def reclaim_deleted(ctx: Context, *, older_than: float | None = None) -> int:
+    """For ``shipyard gc``: versions soft-deleted before ``older_than`` (a Unix time; all when
+    None) let go of their manifest (kept as a tombstone so their number is never reused) and
+    their tags, so the collector can sweep files only they held. How many were reclaimed."""
+    with ctx.db.transaction() as s:
+        query = select(DatasetVersionRow).where(
+            DatasetVersionRow.deleted_at.is_not(None), DatasetVersionRow.manifest_digest != ""
+        )
+        reclaimed = 0
+        for row in s.scalars(query):
+            when = aware(row.deleted_at)
+            if older_than is not None and when is not None and when.timestamp() > older_than:
+                continue
+            s.execute(sa_delete(DatasetTagRow).where(DatasetTagRow.version_id == row.id))
+            row.manifest_digest = ""
+            reclaimed += 1
+        return reclaimed
+
+
+def deleted_versions(ctx: Context) -> int:
+    """How many soft-deleted versions ``shipyard gc`` would reclaim now."""
+    with ctx.db.read() as s:
+        return int(
+            s.scalar(
+                select(func.count()).where(
+                    DatasetVersionRow.deleted_at.is_not(None),
+                    DatasetVersionRow.manifest_digest != "",
+                )
+            )
+            or 0
+        )
+
+
+def select_files(files: Sequence[FileEntry], include: Sequence[str]) -> list[FileEntry]:
+    """The entries matching any of ``include`` (gitignore-style globs: ``images/**``,
+    ``*.parquet``); all of them when ``include`` is empty. A pattern matching nothing is an
+    error naming it (a typo would otherwise pull nothing, silently)."""
+    if not include:
+        return list(files)
+    import pathspec
+
+    chosen: list[FileEntry] = []
+    for pattern in include:
+        if not pattern or pattern.startswith("!"):
+            raise InvalidInputError(
+                f"--include {pattern!r}: give a glob of the files to take", field="include"
+            )
+    specs = [(p, pathspec.GitIgnoreSpec.from_lines([p])) for p in include]
+    matched: set[str] = set()
+    for entry in files:
+        hits = [p for p, spec in specs if spec.match_file(entry.path)]
+        if hits:
+            chosen.append(entry)
+            matched.update(hits)
+    unmatched = [p for p in include if p not in matched]
+    if unmatched:
+        raise NotFoundError(
+            f"--include {', '.join(map(repr, unmatched))} matches no file of the version; "
+            "see its files with `shipyard data show NAME@VERSION`",
+            field="include",
+        )
+    return chosen

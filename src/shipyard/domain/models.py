@@ -83,6 +83,8 @@ class DatasetVersion(Model):
     message: str
     created_at: datetime
     created_by: str
+    tags: list[str] = []
+    deleted_at: datetime | None = None  # soft-deleted: `shipyard gc` reclaims it
 
 
 # --- tracking -------------------------------------------------------------------------------------

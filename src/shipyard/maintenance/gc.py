@@ -39,7 +39,7 @@ from sqlalchemy import String, Table, delete, select
 
 from shipyard.blobs.store import StoredBlob
 from shipyard.context import Context
-from shipyard.data.datasets import manifest_digests
+from shipyard.data.datasets import deleted_versions, manifest_digests, reclaim_deleted
 from shipyard.errors import InvalidInputError, ShipyardError
 from shipyard.security import audit
 from shipyard.security.rbac import require_server_admin
@@ -66,6 +66,7 @@ class GcReport(BaseModel):
     temp_bytes: int
     packs_removed: int = 0  # packs removed whole, or rewritten without their garbage
     packs_rewritten: int = 0  # of those, how many had live blobs copied to a new pack first
+    versions_reclaimed: int = 0  # soft-deleted dataset versions let go of (or that would be)
 
 
 def collect_garbage(
@@ -84,6 +85,8 @@ def collect_garbage(
     temp = ctx.blobs.stale_temp(older_than_s=grace_s, remove=not dry_run)
     temp += _stale_uploads(ctx.settings.home / UPLOADS_DIR, cutoff=cutoff, remove=not dry_run)
 
+    # soft-deleted dataset versions first: once reclaimed, none can be restored meanwhile
+    reclaimed = deleted_versions(ctx) if dry_run else reclaim_deleted(ctx)
     marked = referenced_digests(ctx)
     marked |= ctx.blobs.chunks_of(marked)
     removed: list[str] = []
@@ -125,8 +128,9 @@ def collect_garbage(
         temp_bytes=sum(size for _, size in temp),
         packs_removed=outcome.packs_removed,
         packs_rewritten=outcome.packs_rewritten,
+        versions_reclaimed=reclaimed,
     )
-    if not dry_run and (swept or temp):
+    if not dry_run and (swept or temp or reclaimed):
         # claims on blobs that are gone (unless an upload stored the content again meanwhile)
         gone = [d for d in removed if not ctx.blobs.exists(d)]
         with ctx.db.transaction() as s:
@@ -154,7 +158,10 @@ def referenced_digests(ctx: Context) -> set[str]:
             for column in table.columns:
                 if not _is_digest_column(column.name, column.type):
                     continue
-                values = s.scalars(select(column).where(column.is_not(None)).distinct())
+                query = select(column).where(column.is_not(None))
+                if table.name == "dataset_versions":  # a soft-deleted version holds nothing
+                    query = query.where(table.c.deleted_at.is_(None))
+                values = s.scalars(query.distinct())
                 found = {v for v in values if isinstance(v, str)}
                 marked |= found
                 if table.name == "dataset_versions" and column.name == "manifest_digest":

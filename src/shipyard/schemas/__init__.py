@@ -106,6 +106,11 @@ class CommitDatasetRequest(Request):
     )
 
 
+class TagDatasetRequest(Request):
+    version: int | str = Field(description="The version to tag: 3, 'v3', 'latest' or a tag.")
+    force: bool = Field(default=False, description="Move the tag if another version holds it.")
+
+
 class CreateRunRequest(Request):
     name: Name | None = None
     params: dict[str, str] = Field(default_factory=dict)

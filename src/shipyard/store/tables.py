@@ -94,6 +94,33 @@ class DatasetVersionRow(Base):
     message: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
     created_by: Mapped[str] = mapped_column(String(128))
+    # soft delete: hidden, readable by number until `shipyard gc` reclaims it (manifest "")
+    deleted_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+    deleted_by: Mapped[str | None] = mapped_column(String(128), nullable=True)
+
+
+class DatasetTagRow(Base):
+    """A name for one version of a dataset (``NAME@TAG``); moved only when asked to."""
+
+    __tablename__ = "dataset_tags"
+    dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"), primary_key=True)
+    tag: Mapped[str] = mapped_column(String(128), primary_key=True)
+    version_id: Mapped[str] = mapped_column(ForeignKey("dataset_versions.id"))
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
+    created_by: Mapped[str] = mapped_column(String(128))
+
+
+class DatasetTransformRow(Base):
+    """A transform's cache: the same input version, code and parameters give ``output``."""
+
+    __tablename__ = "dataset_transforms"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    project_id: Mapped[str] = mapped_column(ForeignKey("projects.id"))
+    input_version_id: Mapped[str] = mapped_column(String(32))
+    code_hash: Mapped[str] = mapped_column(String(64))
+    params: Mapped[dict[str, Any]] = mapped_column(JSON)
+    output_version_id: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
 
 
 class RunRow(Base):

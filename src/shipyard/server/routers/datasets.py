@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 
 from shipyard.data import datasets, quality
 from shipyard.domain.models import Dataset, DatasetVersion, FileEntry
-from shipyard.schemas import CommitDatasetRequest, ErrorBody
+from shipyard.schemas import CommitDatasetRequest, ErrorBody, TagDatasetRequest
 from shipyard.server.deps import PROJECT_PREFIX, Ctx, ProjectPath, name_path
 
 router = APIRouter(
@@ -23,7 +23,8 @@ router = APIRouter(
 )
 
 DatasetName = Annotated[str, name_path("The dataset (a name).")]
-VersionRef = Annotated[str, name_path("A version number, 'vN' or 'latest'.")]
+VersionRef = Annotated[str, name_path("A version number, 'vN', 'latest' or a tag.")]
+TagName = Annotated[str, name_path("The tag (a name).")]
 
 
 @router.get("")
@@ -48,8 +49,39 @@ def commit_files(
 
 
 @router.get("/{name}/versions")
-def list_versions(project: ProjectPath, name: DatasetName, ctx: Ctx) -> list[DatasetVersion]:
-    return datasets.list_versions(ctx, project=project, name=name)
+def list_versions(
+    project: ProjectPath, name: DatasetName, ctx: Ctx, include_deleted: bool = False
+) -> list[DatasetVersion]:
+    return datasets.list_versions(ctx, project=project, name=name, include_deleted=include_deleted)
+
+
+@router.delete("/{name}/versions/{version}", responses={409: {"model": ErrorBody}})
+def delete_version(
+    project: ProjectPath, name: DatasetName, version: VersionRef, ctx: Ctx
+) -> DatasetVersion:
+    """Soft-delete a version (``shipyard gc`` reclaims it; until then it can be restored)."""
+    return datasets.delete_version(ctx, project=project, name=name, version=version)
+
+
+@router.post("/{name}/versions/{version}/restore", responses={409: {"model": ErrorBody}})
+def restore_version(
+    project: ProjectPath, name: DatasetName, version: VersionRef, ctx: Ctx
+) -> DatasetVersion:
+    return datasets.restore_version(ctx, project=project, name=name, version=version)
+
+
+@router.put("/{name}/tags/{tag}", responses={409: {"model": ErrorBody}})
+def tag_version(
+    project: ProjectPath, name: DatasetName, tag: TagName, body: TagDatasetRequest, ctx: Ctx
+) -> DatasetVersion:
+    return datasets.tag_version(
+        ctx, project=project, name=name, version=body.version, tag=tag, force=body.force
+    )
+
+
+@router.delete("/{name}/tags/{tag}", status_code=204, response_class=Response)
+def untag(project: ProjectPath, name: DatasetName, tag: TagName, ctx: Ctx) -> None:
+    datasets.untag(ctx, project=project, name=name, tag=tag)
 
 
 @router.get("/{name}/versions/{version}")
