@@ -27,6 +27,7 @@ COMMANDS = [
     ["data", "rm"],
     ["data", "restore"],
     ["data", "pull"],
+    ["data", "transform"],
     ["data", "checkout"],
     ["run"],
     ["jobs"],
@@ -286,3 +287,31 @@ def test_data_tag_rm_restore_and_pull(home: Path, tmp_path: Path) -> None:
     assert "golden" in shipyard(home, "data", "versions", "pics").stdout
     no_version = shipyard(home, "data", "rm", "pics")
     assert no_version.returncode == 1 and "name the version" in no_version.stderr
+
+
+def test_data_transform_from_the_working_folder_is_cached(home: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    pq.write_table(pa.table({"x": list(range(10))}), folder / "t.parquet")
+    assert shipyard(home, "data", "commit", str(folder), "-d", "raw").returncode == 0
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "steps.py").write_text(
+        "import pyarrow.compute as pc\n"
+        "def scale(batch, factor=1):\n"
+        "    return batch.set_column(0, 'x', pc.multiply(batch['x'], factor))\n"
+    )
+    argv = ["data", "transform", "raw@1", "--fn", "steps:scale", "--to", "scaled"]
+    first = shipyard(home, *argv, "--params", '{"factor": 3}', "--workers", "1", cwd=work)
+    assert first.returncode == 0, first.stderr
+    assert "dataset scaled v1: 1 files" in first.stdout and "steps:scale of raw@v1" in first.stdout
+    again = shipyard(home, *argv, "--params", '{"factor": 3}', "--workers", "1", cwd=work)
+    assert again.returncode == 0 and "dataset scaled v1" in again.stdout  # the cached version
+    out = tmp_path / "out"
+    assert shipyard(home, "data", "checkout", "scaled@1", str(out)).returncode == 0
+    assert pq.read_table(out / "t.parquet")["x"].to_pylist() == [3 * i for i in range(10)]
+
+    bad = shipyard(home, *argv, "--params", "{factor: 3}", cwd=work)
+    assert bad.returncode == 1 and "--params is not valid JSON" in bad.stderr
+    missing = shipyard(home, *argv[:3], "--fn", "nowhere:scale", "--to", "scaled", cwd=work)
+    assert missing.returncode == 1 and "module 'nowhere' cannot be imported" in missing.stderr

@@ -289,6 +289,80 @@ def data_show(
     _print_checks(dv)
 
 
+@data_app.command("transform")
+def data_transform(
+    ref: Annotated[str, typer.Argument(help="The source version: NAME@VERSION (or NAME@TAG).")],
+    fn: Annotated[
+        str,
+        typer.Option(
+            "--fn",
+            help="The function, pkg.module:function, importable from here. Rows mode: "
+            "fn(batch: pyarrow.RecordBatch, **params) -> RecordBatch | Table | None; files "
+            "mode: fn(path: str, data: bytes, **params) -> bytes | None.",
+        ),
+    ],
+    to: Annotated[str, typer.Option("--to", help="The dataset to write the result to.")],
+    params: Annotated[
+        str | None, typer.Option("--params", help="Keyword arguments for fn, as a JSON object.")
+    ] = None,
+    mode: Annotated[
+        str, typer.Option(help="rows (table batches), files, or auto (rows if any table).")
+    ] = "auto",
+    workers: Annotated[
+        int, typer.Option(help="Worker processes (default: this machine's CPUs).")
+    ] = 0,
+    batch_rows: Annotated[int, typer.Option(help="The most rows of one batch.")] = 65_536,
+    project: ProjectOpt = None,
+) -> None:
+    """Run a function over a version's rows or files and commit the result as a new version
+    of --to, with lineage; the same version, code and params return the earlier result."""
+    arguments: dict[str, Any] = {}
+    if params:
+        try:
+            arguments = json.loads(params)
+        except json.JSONDecodeError as exc:
+            raise InvalidInputError(
+                f"--params is not valid JSON ({exc.msg} at column {exc.colno}); give an object "
+                "like '{\"factor\": 2}'",
+                field="params",
+            ) from None
+        if not isinstance(arguments, dict):
+            raise InvalidInputError("--params must be a JSON object", field="params")
+    if mode not in ("rows", "files", "auto"):
+        raise InvalidInputError(f"--mode {mode!r}: give rows, files or auto", field="mode")
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=err,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("transforming", total=None)
+
+        def progress(done: int, total: int, what: str) -> None:
+            bar.update(task, completed=done, total=total, description=what[-40:])
+
+        dv = _client().datasets.transform(
+            ref,
+            fn=fn,
+            to=to,
+            params=arguments,
+            mode=mode,  # type: ignore[arg-type]
+            workers=workers or os.cpu_count() or 1,
+            batch_rows=batch_rows,
+            search_path=[Path.cwd()],
+            project=project,
+            progress=progress,
+        )
+    console.print(
+        f"dataset [bold]{dv.dataset}[/bold] v{dv.version}: {dv.file_count} files, "
+        f"{dv.total_bytes} bytes ({dv.new_bytes} new)  {dv.message}",
+        highlight=False,
+    )
+    _print_checks(dv)
+
+
 @data_app.command("versions")
 def data_versions(
     name: Annotated[str, typer.Argument(help="Dataset name.")],

@@ -15,7 +15,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Literal
 
 from shipyard.domain.checkpoints import Checkpoint
 from shipyard.domain.metrics import PointLike
@@ -73,6 +73,21 @@ class Backend(ABC):
     @abstractmethod
     def tag_dataset_version(
         self, *, project: str, name: str, version: int | str, tag: str, force: bool = False
+    ) -> DatasetVersion: ...
+    @abstractmethod
+    def transform_dataset(
+        self,
+        *,
+        project: str,
+        source: str,
+        fn: str,
+        to: str,
+        params: dict[str, Any],
+        mode: Literal["rows", "files", "auto"],
+        workers: int,
+        batch_rows: int,
+        search_path: Sequence[str | Path],
+        progress: Progress | None = None,
     ) -> DatasetVersion: ...
     @abstractmethod
     def untag_dataset(self, *, project: str, name: str, tag: str) -> None: ...

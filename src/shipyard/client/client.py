@@ -14,7 +14,7 @@ import builtins
 import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -271,6 +271,36 @@ class DatasetsClient(_Resource):
         globs, e.g. ``["images/**", "labels.csv"]``); only those are read or downloaded."""
         return self.checkout(
             name, dest, version, project=project, force=force, progress=progress, include=include
+        )
+
+    def transform(
+        self,
+        source: str,
+        *,
+        fn: str,
+        to: str,
+        params: Mapping[str, Any] | None = None,
+        mode: Literal["rows", "files", "auto"] = "auto",
+        workers: int = 2,
+        batch_rows: int = 65_536,
+        search_path: Sequence[str | Path] = (),
+        project: str | None = None,
+        progress: Progress | None = None,
+    ) -> DatasetVersion:
+        """Run ``fn`` (``pkg.module:function``) over version ``source`` (``NAME@V``) in worker
+        processes and commit the result as the next version of ``to``, with lineage; the same
+        version, code and ``params`` return the earlier result (:mod:`shipyard.data.transform`)."""
+        return self._b.transform_dataset(
+            project=self._project(project),
+            source=source,
+            fn=fn,
+            to=to,
+            params=dict(params or {}),
+            mode=mode,
+            workers=workers,
+            batch_rows=batch_rows,
+            search_path=list(search_path),
+            progress=progress,
         )
 
     def _stat_cache(self) -> StatCache:

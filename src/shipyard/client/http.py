@@ -17,7 +17,7 @@ import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import blake3
 import httpx
@@ -53,7 +53,7 @@ from shipyard.domain.models import (
     RunStatus,
 )
 from shipyard.domain.names import validate_name, validate_relative_path
-from shipyard.errors import BackendError, IntegrityError, error_from_dict
+from shipyard.errors import BackendError, IntegrityError, InvalidInputError, error_from_dict
 from shipyard.schemas import (
     AddRunInputRequest,
     CommitDatasetRequest,
@@ -203,6 +203,26 @@ class HttpBackend(Backend):
             f"{self._p(project)}/datasets/{_seg(name)}/tags/{_seg(tag, 'tag')}",
             DatasetVersion,
             json={"version": version, "force": force},
+        )
+
+    def transform_dataset(
+        self,
+        *,
+        project: str,
+        source: str,
+        fn: str,
+        to: str,
+        params: dict[str, Any],
+        mode: Literal["rows", "files", "auto"],
+        workers: int,
+        batch_rows: int,
+        search_path: Sequence[str | Path],
+        progress: Progress | None = None,
+    ) -> DatasetVersion:
+        raise InvalidInputError(
+            "data transform runs against this machine's home for now (the server would have to "
+            "import your code); unset SHIPYARD_URL, or run it on the server's host",
+            field="source",
         )
 
     def untag_dataset(self, *, project: str, name: str, tag: str) -> None:

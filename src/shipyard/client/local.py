@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Literal
 
 from shipyard.client.backend import Backend, Progress
 from shipyard.compute import jobs, nodes, queues
 from shipyard.context import Context
-from shipyard.data import datasets
+from shipyard.data import datasets, transform
 from shipyard.data import lineage as lineage_service
 from shipyard.domain.checkpoints import Checkpoint
 from shipyard.domain.metrics import PointLike
@@ -87,6 +87,34 @@ class LocalBackend(Backend):
     ) -> DatasetVersion:
         return datasets.tag_version(
             self.ctx, project=project, name=name, version=version, tag=tag, force=force
+        )
+
+    def transform_dataset(
+        self,
+        *,
+        project: str,
+        source: str,
+        fn: str,
+        to: str,
+        params: dict[str, Any],
+        mode: Literal["rows", "files", "auto"],
+        workers: int,
+        batch_rows: int,
+        search_path: Sequence[str | Path],
+        progress: Progress | None = None,
+    ) -> DatasetVersion:
+        return transform.transform(
+            self.ctx,
+            project=project,
+            source=source,
+            fn=fn,
+            to=to,
+            params=params,
+            mode=mode,
+            workers=workers,
+            batch_rows=batch_rows,
+            search_path=search_path,
+            progress=progress,
         )
 
     def untag_dataset(self, *, project: str, name: str, tag: str) -> None:
