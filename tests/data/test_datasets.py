@@ -490,10 +490,14 @@ def test_unknown_dataset_version_or_project_is_not_found(
     with pytest.raises(NotFoundError) as err:
         datasets.diff_versions(ctx, project=P, name="ds", a=1, b=2)
     assert err.value.field == "version"
-    for bad in (0, -1, True, "v0", "x", "v", "1.5", "latest!", "v01x"):
+    for bad in (0, -1, True, "v0", "latest!", "../v1", ""):
         with pytest.raises(InvalidInputError) as invalid:
             datasets.get_version(ctx, project=P, name="ds", version=bad)
         assert invalid.value.field == "version"
+    for tag in ("x", "v", "1.5", "v01x"):  # names: read as tags, and there are none
+        with pytest.raises(NotFoundError, match=f"no version or tag {tag!r}") as err:
+            datasets.get_version(ctx, project=P, name="ds", version=tag)
+        assert err.value.field == "version"
     assert not (tmp_path / "out").exists()
     assert snapshot(ctx) == committed
 

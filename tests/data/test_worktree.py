@@ -4,6 +4,7 @@ the collector on packs, and the data CLI - on a real home."""
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -90,6 +91,30 @@ def test_status_lists_added_modified_and_removed(ctx: Context, tmp_path: Path) -
     assert st.unchanged == 38 and not st.clean
     gone = datasets.status(ctx, project=P, name="ds", source=tmp_path / "missing")
     assert len(gone.removed) == 40
+
+
+def test_status_trusts_the_stat_cache_and_reads_no_unchanged_file(
+    ctx: Context, tmp_path: Path
+) -> None:
+    # Proof without counting calls: the cache row of one unchanged file is made to name other
+    # content. A status that read the file would find it equal to the version; one that trusts
+    # the row (stamps unchanged, not racy) reports it modified. New stamps make it read again.
+    folder = make_folder(tmp_path / "d")
+    time.sleep(0.3)  # past RACY_S: the commit's rows are trusted
+    datasets.commit_directory(ctx, project=P, name="ds", source=folder)
+    one = folder / "part-0" / "f000.bin"
+    db = sqlite3.connect(datasets.stat_cache(ctx).path)
+    with db:
+        changed = db.execute(
+            "UPDATE files SET digest = ? WHERE path = ?", ("0" * 64, "part-0/f000.bin")
+        ).rowcount
+    db.close()
+    assert changed == 1
+    st = datasets.status(ctx, project=P, name="ds", source=folder)
+    assert st.modified == ["part-0/f000.bin"] and st.unchanged == 39
+
+    os.utime(one, (HOURS_AGO, HOURS_AGO))  # same content, new stamps: hashed again
+    assert datasets.status(ctx, project=P, name="ds", source=folder).clean
 
 
 def test_checkout_writes_only_what_differs_and_refuses_local_edits(

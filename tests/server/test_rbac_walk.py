@@ -154,6 +154,8 @@ def _body(method: str, path: str, project: str, world: Fixture) -> dict[str, Any
             "files": [{"path": "data.txt", "digest": ids["blob"], "size": int(ids["size"])}]
         },
         ("PUT", "/datasets/{name}/tags/{tag}"): {"version": 1},
+        ("POST", "/blobs/missing"): {"digests": [ids["blob"]]},
+        ("POST", "/blobs/fetch"): {"digests": [ids["blob"]]},
         ("POST", "/runs"): {"name": "walk"},
         ("PATCH", "/runs/{run_id}"): {"status": "finished"},
         ("POST", "/runs/{run_id}/log-batch"): {
@@ -189,7 +191,7 @@ def _expect_scoped(role: str, method: str, path: str, own: bool) -> str:
     """'allow', 'deny403' or 'hidden' (the missing-project 404) for a project-scoped route."""
     if not own or role == "outsider":
         return "hidden"
-    write = method not in ("GET", "HEAD")
+    write = method not in ("GET", "HEAD") and not path.endswith("/blobs/fetch")  # a read
     if not write or role == "admin":
         return "allow"
     if role == "viewer":

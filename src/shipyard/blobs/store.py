@@ -40,6 +40,7 @@ from typing import IO
 import blake3
 import fsspec
 
+from shipyard.blobs import s3
 from shipyard.blobs.chunking import CHUNKED_MIN_BYTES, chunk_spans, parse_recipe, recipe_bytes
 from shipyard.blobs.packs import (
     KIND_BLOB,
@@ -243,6 +244,8 @@ class BlobStore:
         :class:`FileChangedError`; blobs stored before that stay unreferenced (``shipyard gc``
         reclaims them), never half-written.
         """
+        if s3.is_s3(self.fs):  # loose objects, uploaded in parallel: blobs.s3
+            return s3.put_files(self, files, progress=progress, workers=workers)
         results: list[PutResult | None] = [None] * len(files)
         small = [i for i, f in enumerate(files) if f.size < PACKED_MAX_BYTES]
         if self.packs is None or len(small) < PACK_MIN_FILES:
@@ -370,11 +373,15 @@ class BlobStore:
         check_digest(digest)
         if self.packs is not None:  # a dict look-up first: most blobs of a big store are packed
             return self.packs.get(digest) is not None or os.path.exists(self._path(digest))
+        if s3.is_s3(self.fs):
+            return digest in s3.list_sizes(self, [digest])
         return bool(self.fs.exists(self._path(digest)))
 
     def sizes(self, digests: Sequence[str]) -> dict[str, int]:
         """The size of each of ``digests`` that is stored (the others are absent): one look
-        each, for checking a manifest of many files."""
+        each, for checking a manifest of many files; on S3 a few listings for all of them."""
+        if s3.is_s3(self.fs):
+            return s3.list_sizes(self, [check_digest(d) for d in digests])
         found: dict[str, int] = {}
         for digest in digests:
             if digest in found:
@@ -500,6 +507,38 @@ class BlobStore:
             name = str(path).rstrip("/").rsplit("/", 1)[-1]
             if _is_digest(name) and str(path).endswith(f"/{name[:2]}/{name[2:4]}/{name}"):
                 yield StoredBlob(name, int(info.get("size") or 0), _mtime(info))
+
+    def put_blobs(self, blobs: Sequence[tuple[str, bytes]]) -> list[PutResult]:
+        """Store many blobs already in memory, each ``(digest, content)`` with the digest checked
+        by the caller (an upload verified as it arrived); one result each, in order. Content
+        already stored is not written again; on a local store the small ones go into packs (one
+        fsync per pack), the others are loose blobs."""
+        results: list[PutResult] = []
+        small = [d for d, data in blobs if len(data) < PACKED_MAX_BYTES]
+        writer = (
+            PackWriter(root=Path(self.root), index=self.packs)
+            if self.packs is not None and len(small) >= PACK_MIN_FILES
+            else None
+        )
+        stored = self.sizes([d for d, _ in blobs])
+        try:
+            with self._writing():
+                for digest, data in blobs:
+                    if digest in stored or (writer is not None and digest in writer):
+                        results.append(PutResult(digest, len(data), False))
+                    elif writer is not None and len(data) < PACKED_MAX_BYTES:
+                        writer.add(digest, data)
+                        results.append(PutResult(digest, len(data), True))
+                    else:
+                        results.append(self.put_bytes(data))
+                if writer is not None:
+                    writer.close()
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
+        self.touch_many([r.digest for r in results if not r.created])
+        return results
 
     def touch(self, digest: str) -> None:
         """Refresh a stored blob's modification time (it is in use again: the collector's grace
@@ -689,6 +728,8 @@ class BlobStore:
 
     def _locate(self, digest: str) -> PackEntry | str | None:
         """``"loose"``, the pack entry holding ``digest``, or None when it is not stored."""
+        if self.packs is None and s3.is_s3(self.fs):
+            return "loose" if digest in s3.list_sizes(self, [digest]) else None
         if self.packs is None:
             return "loose" if self.fs.exists(self._path(digest)) else None
         if os.path.exists(self._path(digest)):
@@ -866,7 +907,8 @@ def check_blob_url(url: str) -> str:
 def _filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     protocol = url.split("://", 1)[0].lower() if "://" in url else "file"
     try:
-        fs, root = fsspec.core.url_to_fs(url)
+        options = {"skip_instance_cache": True} if protocol in s3.S3_PROTOCOLS else {}
+        fs, root = fsspec.core.url_to_fs(url, **options)
     except ImportError as exc:
         extra = _EXTRAS.get(protocol)
         how = (

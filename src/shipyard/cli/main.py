@@ -312,6 +312,20 @@ def data_transform(
         int, typer.Option(help="Worker processes (default: this machine's CPUs).")
     ] = 0,
     batch_rows: Annotated[int, typer.Option(help="The most rows of one batch.")] = 65_536,
+    on: Annotated[
+        str,
+        typer.Option(
+            "--on", help="Where fn runs: local (worker processes here) or ray (a Ray cluster)."
+        ),
+    ] = "local",
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            "--ray-address",
+            help="The Ray cluster's Ray Client address, ray://HOST:PORT (default: "
+            "SHIPYARD_EXECUTOR).",
+        ),
+    ] = None,
     project: ProjectOpt = None,
 ) -> None:
     """Run a function over a version's rows or files and commit the result as a new version
@@ -330,6 +344,8 @@ def data_transform(
             raise InvalidInputError("--params must be a JSON object", field="params")
     if mode not in ("rows", "files", "auto"):
         raise InvalidInputError(f"--mode {mode!r}: give rows, files or auto", field="mode")
+    if on not in ("local", "ray"):
+        raise InvalidInputError(f"--on {on!r}: give local or ray", field="on")
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -354,6 +370,8 @@ def data_transform(
             search_path=[Path.cwd()],
             project=project,
             progress=progress,
+            on=on,  # type: ignore[arg-type]
+            ray_address=ray_address,
         )
     console.print(
         f"dataset [bold]{dv.dataset}[/bold] v{dv.version}: {dv.file_count} files, "
@@ -1121,11 +1139,12 @@ def sim_command(
     trace_jobs = compute_sim.load_trace(trace, start=start, end=end, jobs=jobs)
     progress = None if quiet else (lambda line: err.print(line, highlight=False))
     results = []
-    for target in load or [None]:
+    targets: list[float | None] = list(load) if load else [None]
+    for target in targets:
         config = compute_sim.SimConfig(
             nodes=nodes,
             gpus_per_node=gpus_per_node,
-            packing=packing,  # type: ignore[arg-type]
+            packing=packing,
             load=target,
             round_s=round_s,
             restart_penalty_s=restart_penalty,

@@ -88,6 +88,8 @@ class Backend(ABC):
         batch_rows: int,
         search_path: Sequence[str | Path],
         progress: Progress | None = None,
+        on: Literal["local", "ray"] = "local",
+        ray_address: str | None = None,
     ) -> DatasetVersion: ...
     @abstractmethod
     def untag_dataset(self, *, project: str, name: str, tag: str) -> None: ...

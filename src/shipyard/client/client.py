@@ -27,7 +27,7 @@ from shipyard.client.local import LocalBackend
 from shipyard.compute.policy.base import priority_value
 from shipyard.compute.snapshot import code_source
 from shipyard.context import open_context
-from shipyard.data import worktree
+from shipyard.data import datasets, worktree
 from shipyard.data.datasets import select_files, stat_cache, table_changes
 from shipyard.data.fs import HttpSource, LocalSource, ShipyardFile, Source, open_file
 from shipyard.data.statcache import StatCache
@@ -57,7 +57,12 @@ if TYPE_CHECKING:
 
 def backend_from_settings(settings: Settings) -> Backend:
     if settings.url:
-        return HttpBackend(settings.url, token=settings.token, project=settings.project)
+        return HttpBackend(
+            settings.url,
+            token=settings.token,
+            project=settings.project,
+            stat_cache=StatCache(settings.home / "cache" / "stat.sqlite"),
+        )
     return LocalBackend(open_context(settings))
 
 
@@ -193,6 +198,14 @@ class DatasetsClient(_Resource):
     ) -> WorktreeStatus:
         """The folder ``source`` against a version (the latest by default): files ``added``,
         ``modified`` and ``removed``. Files the stat cache knows unchanged are not read."""
+        if isinstance(self._b, LocalBackend):  # the manifest read without an object per file
+            return datasets.status(
+                self._b.ctx,
+                project=self._project(project),
+                name=name,
+                source=Path(source),
+                version=version,
+            )
         files = self.files(name, version, project=project)
         return worktree.status(files, Path(source), cache=self._stat_cache())
 
@@ -233,6 +246,7 @@ class DatasetsClient(_Resource):
             self._b.list_dataset_files(project=dv.project, name=name, version=dv.version),
             include,
         )
+        write_many = None
         if isinstance(self._b, LocalBackend):
             write = worktree.local_writer(self._b.ctx.blobs, link=link)
         elif link in ("auto", "copy"):
@@ -241,6 +255,12 @@ class DatasetsClient(_Resource):
             def write(entry: FileEntry, target: Path) -> bool:
                 backend.download_blob(entry.digest, target, project=dv.project)
                 return False
+
+            if isinstance(backend, HttpBackend):
+                http = backend
+
+                def write_many(items: builtins.list[tuple[FileEntry, Path]]) -> None:
+                    http.download_blobs(items, project=dv.project)
         else:
             raise InvalidInputError(
                 f"link {link!r} needs the blob store on this machine; through a server use "
@@ -254,6 +274,7 @@ class DatasetsClient(_Resource):
             write=write,
             force=force,
             progress=progress,
+            write_many=write_many,
         )
 
     def pull(
@@ -286,6 +307,8 @@ class DatasetsClient(_Resource):
         search_path: Sequence[str | Path] = (),
         project: str | None = None,
         progress: Progress | None = None,
+        on: Literal["local", "ray"] = "local",
+        ray_address: str | None = None,
     ) -> DatasetVersion:
         """Run ``fn`` (``pkg.module:function``) over version ``source`` (``NAME@V``) in worker
         processes and commit the result as the next version of ``to``, with lineage; the same
@@ -301,6 +324,8 @@ class DatasetsClient(_Resource):
             batch_rows=batch_rows,
             search_path=list(search_path),
             progress=progress,
+            on=on,
+            ray_address=ray_address,
         )
 
     def _stat_cache(self) -> StatCache:

@@ -14,8 +14,11 @@ import contextlib
 import json
 import math
 import os
+import struct
 import tempfile
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
@@ -26,7 +29,8 @@ from pydantic import BaseModel, TypeAdapter
 from shipyard.blobs import hash_bytes, hash_file
 from shipyard.client.backend import Backend, Progress
 from shipyard.compute.snapshot import snapshot_code
-from shipyard.data.datasets import source_files
+from shipyard.data.scan import ScannedFile, scan_source
+from shipyard.data.statcache import StatCache
 from shipyard.domain.checkpoints import Checkpoint
 from shipyard.domain.metrics import PointLike
 from shipyard.domain.models import (
@@ -87,8 +91,10 @@ class HttpBackend(Backend):
         transport: httpx.BaseTransport | None = None,
         timeout: float = 120.0,
         project: str = DEFAULT_PROJECT,
+        stat_cache: StatCache | None = None,
     ) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.stat_cache = stat_cache  # this machine's: unchanged files are not hashed again
         self.url = url.rstrip("/")
         self.project = validate_name(project, field="project")
         self._http = httpx.Client(
@@ -159,17 +165,30 @@ class HttpBackend(Backend):
         progress: Progress | None = None,
         checks: Suite | None = None,
     ) -> DatasetVersion:
+        """Hash the files (those the stat cache knows unchanged are not read), ask the server
+        in one request which blobs it lacks, upload those -- small ones many to a request, in
+        frames, large ones streamed one by one -- then post the manifest."""
         validate_name(name, field="name")
-        files = source_files(Path(source))
-        total = sum(p.stat().st_size for _, p in files)
-        entries: list[NewFile] = []
-        done = 0
-        for rel, local in files:
-            digest, size = self._put_blob(project, local)
-            entries.append(_unchecked(NewFile, path=rel, digest=digest, size=size))
-            done += size
-            if progress:
-                progress(done, total, rel)
+        source = Path(source)
+        found = scan_source(source)
+        root = Path(os.path.realpath(source if source.is_dir() else source.parent))
+        digests = self._hash_files(root, found)
+        total = sum(f.size for f in found)
+        missing = set(self._missing(project, list(set(digests.values()))))
+        todo: dict[str, ScannedFile] = {}
+        for f in found:
+            if digests[f.path] in missing:
+                todo.setdefault(digests[f.path], f)
+        done = total - sum(f.size for f in todo.values())
+        if progress is not None and done:
+            progress(done, total, found[-1].path)
+        for uploaded in self._upload(project, todo):
+            done += uploaded.size
+            if progress is not None:
+                progress(done, total, uploaded.path)
+        entries = [
+            _unchecked(NewFile, path=f.path, digest=digests[f.path], size=f.size) for f in found
+        ]
         body = _unchecked(
             CommitDatasetRequest,
             files=entries,
@@ -182,6 +201,126 @@ class HttpBackend(Backend):
             DatasetVersion,
             json=body.model_dump(mode="json"),
         )
+
+    def _hash_files(self, root: Path, found: list[ScannedFile]) -> dict[str, str]:
+        """Each file's digest by path: from the stat cache when its stamps are unchanged, else
+        read and hashed (a thread pool: BLAKE3 and the reads release the GIL)."""
+        cache = self.stat_cache
+        known = cache.load(root) if cache is not None else {}
+        digests: dict[str, str] = {}
+        todo: list[ScannedFile] = []
+        for f in found:
+            hit = cache.lookup(known, f) if cache is not None else None
+            if hit is not None:
+                digests[f.path] = hit
+            else:
+                todo.append(f)
+        hashed_at = time.time_ns()
+        with ThreadPoolExecutor(_HASH_WORKERS) as pool:
+            for f, digest in zip(todo, pool.map(lambda f: hash_file(f.real), todo), strict=True):
+                digests[f.path] = digest
+        if cache is not None:
+            gone = known.keys() - digests.keys()
+            cache.save(
+                root, [(f, digests[f.path]) for f in todo], hashed_at_ns=hashed_at, gone=gone
+            )
+        return digests
+
+    def _missing(self, project: str, digests: list[str]) -> list[str]:
+        """The digests the server wants uploaded (one request per 100,000)."""
+        out: list[str] = []
+        for start in range(0, len(digests), _MISSING_PER_REQUEST):
+            part = digests[start : start + _MISSING_PER_REQUEST]
+            body = self._request(
+                "POST", f"{self._p(project)}/blobs/missing", json={"digests": part}
+            ).json()
+            out.extend(body["missing"])
+        return out
+
+    def _upload(self, project: str, todo: dict[str, ScannedFile]) -> Iterator[ScannedFile]:
+        """Upload each ``digest -> file``; yields each file once it is stored. Small ones go in
+        framed batches of up to 32 MiB, two requests in flight; large ones one by one."""
+        small = [(d, f) for d, f in todo.items() if f.size <= _BATCH_MAX_BLOB_BYTES]
+        large = [(d, f) for d, f in todo.items() if f.size > _BATCH_MAX_BLOB_BYTES]
+        batches: list[list[tuple[str, ScannedFile]]] = [[]]
+        size = 0
+        for item in small:
+            if batches[-1] and (size + item[1].size > _BATCH_BYTES or len(batches[-1]) >= 20_000):
+                batches.append([])
+                size = 0
+            batches[-1].append(item)
+            size += item[1].size
+        url = f"{self._p(project)}/blobs/batch"
+
+        def send(batch: list[tuple[str, ScannedFile]]) -> list[tuple[str, ScannedFile]]:
+            body = b"".join(_frame(digest, f) for digest, f in batch)
+            self._request(
+                "POST", url, content=body, headers={"Content-Type": "application/octet-stream"}
+            )
+            return batch
+
+        with ThreadPoolExecutor(_UPLOADS_IN_FLIGHT) as pool:
+            for batch in pool.map(send, [b for b in batches if b]):
+                for _, f in batch:
+                    yield f
+        for digest, f in large:
+            self._put_blob(project, Path(f.real), digest)
+            yield f
+
+    def download_blobs(
+        self, items: Sequence[tuple[FileEntry, Path]], *, project: str | None = None
+    ) -> None:
+        """Write each entry's blob to its target (atomically, digest checked): small blobs
+        fetched many to a request, in frames; large ones streamed one by one."""
+        small = [(e.digest, t) for e, t in items if e.size <= _BATCH_MAX_BLOB_BYTES]
+        for start in range(0, len(small), _FETCH_PER_REQUEST):
+            self._fetch_into(small[start : start + _FETCH_PER_REQUEST], project=project)
+        for entry, target in items:
+            if entry.size > _BATCH_MAX_BLOB_BYTES:
+                self.download_blob(entry.digest, target, project=project)
+
+    def _fetch_into(self, items: list[tuple[str, Path]], *, project: str | None) -> None:
+        wanted = list(dict.fromkeys(d for d, _ in items))
+        targets: dict[str, list[Path]] = {}
+        for digest, target in items:
+            targets.setdefault(digest, []).append(target)
+        url = f"{self._p(project)}/blobs/fetch"
+        got: set[str] = set()
+        try:
+            with self._http.stream("POST", url, json={"digests": wanted}) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    self._raise_for(response)
+                buffer = bytearray()
+                for chunk in response.iter_bytes():
+                    buffer += chunk
+                    at = 0
+                    while len(buffer) - at >= _FRAME.size:
+                        raw, size = _FRAME.unpack_from(buffer, at)
+                        end = at + _FRAME.size + size
+                        if end > len(buffer):
+                            break
+                        digest = raw.hex()
+                        data = bytes(buffer[at + _FRAME.size : end])
+                        if digest not in targets or hash_bytes(data) != digest:
+                            raise IntegrityError(
+                                f"blob {digest} arrived corrupted; try again", digest=digest
+                            )
+                        for target in targets[digest]:
+                            _write_atomic(target, data)
+                        got.add(digest)
+                        at = end
+                    del buffer[:at]
+        except httpx.TransportError as exc:
+            raise BackendError(
+                f"downloading blobs from {self.url} failed ({exc}); try again"
+            ) from None
+        lost = [d for d in wanted if d not in got]
+        if lost:
+            raise BackendError(
+                f"the server's response ended before blob {lost[0]} ({len(lost)} missing); "
+                "try again"
+            )
 
     def list_datasets(self, *, project: str) -> list[Dataset]:
         return self._list(f"{self._p(project)}/datasets", Dataset)
@@ -218,6 +357,8 @@ class HttpBackend(Backend):
         batch_rows: int,
         search_path: Sequence[str | Path],
         progress: Progress | None = None,
+        on: Literal["local", "ray"] = "local",
+        ray_address: str | None = None,
     ) -> DatasetVersion:
         raise InvalidInputError(
             "data transform runs against this machine's home for now (the server would have to "
@@ -652,3 +793,30 @@ def _clean(params: dict[str, Any]) -> dict[str, Any]:
 def _seg(value: str | int, field: str = "name") -> str:
     """A name that goes into a URL path: validated so it can never change the route."""
     return validate_name(str(value), field=field)
+
+
+_FRAME = struct.Struct(">32sQ")  # as the server's /blobs/batch and /blobs/fetch frames
+_BATCH_MAX_BLOB_BYTES = 8 * 1024 * 1024  # larger files: PUT one by one, streamed
+_BATCH_BYTES = 32 * 1024 * 1024
+_UPLOADS_IN_FLIGHT = 2
+_MISSING_PER_REQUEST = 100_000
+_FETCH_PER_REQUEST = 2000
+_HASH_WORKERS = 4
+
+
+def _frame(digest: str, f: ScannedFile) -> bytes:
+    with open(f.real, "rb") as fh:
+        data = fh.read()
+    return _FRAME.pack(bytes.fromhex(digest), len(data)) + data
+
+
+def _write_atomic(target: Path, data: bytes) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".shipyard-")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        os.replace(tmp, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)

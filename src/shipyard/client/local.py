@@ -102,6 +102,8 @@ class LocalBackend(Backend):
         batch_rows: int,
         search_path: Sequence[str | Path],
         progress: Progress | None = None,
+        on: Literal["local", "ray"] = "local",
+        ray_address: str | None = None,
     ) -> DatasetVersion:
         return transform.transform(
             self.ctx,
@@ -115,6 +117,8 @@ class LocalBackend(Backend):
             batch_rows=batch_rows,
             search_path=search_path,
             progress=progress,
+            on=on,
+            ray_address=ray_address,
         )
 
     def untag_dataset(self, *, project: str, name: str, tag: str) -> None:

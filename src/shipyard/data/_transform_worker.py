@@ -6,9 +6,15 @@ the quality checks (seconds per worker on a small machine)."""
 from __future__ import annotations
 
 import importlib
+import io
+import os
+import shutil
 import sys
+import tempfile
 import traceback
+import zipfile
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -33,6 +39,38 @@ def _function(fn: str) -> Callable[..., Any]:
     if fn not in _loaded:
         _loaded[fn] = import_object(fn, ())
     return _loaded[fn]
+
+
+# Set in a Ray task's environment to the digest of the code it was sent (see call_with_code).
+CODE_ENV = "SHIPYARD_TRANSFORM_CODE"
+
+
+def call_with_code(
+    digest: str | None, code: bytes | None, call: Callable[..., Any], *args: Any
+) -> Any:
+    """A Ray task: ``call(*args)`` (``call_batch`` or ``call_file``) after unpacking ``code`` (a
+    zip of the function's package or module, named by ``digest``) onto ``sys.path``, once per
+    process. ``code`` is a top-level argument so that Ray resolves its object reference."""
+    if digest is not None and code is not None:
+        init_worker([str(_unpacked(digest, code))])
+    return call(*args)
+
+
+def _unpacked(digest: str, data: bytes) -> Path:
+    """The folder ``data`` is unpacked in, by its digest (written once; a temporary sibling
+    renamed into place, so a worker never sees half of it)."""
+    dest = Path(tempfile.gettempdir()) / f"shipyard-transform-{digest[:24]}"
+    if not dest.is_dir():
+        partial = Path(tempfile.mkdtemp(prefix=f"{dest.name}-", dir=dest.parent))
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            archive.extractall(partial)
+        try:
+            os.rename(partial, dest)
+        except OSError:  # another worker's is there first
+            shutil.rmtree(partial, ignore_errors=True)
+            if not dest.is_dir():
+                raise
+    return dest
 
 
 def call_batch(fn: str, batch: pa.RecordBatch, params: dict[str, Any]) -> pa.Table | None:

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 from sqlalchemy import delete as sa_delete
-from sqlalchemy import func, insert, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from shipyard.blobs.store import SourceFile, check_digest, check_stored
@@ -54,7 +54,6 @@ from shipyard.security.rbac import authorize
 from shipyard.store.engine import lock
 from shipyard.store.queries import project_id
 from shipyard.store.tables import (
-    BlobRefRow,
     DatasetRow,
     DatasetTagRow,
     DatasetVersionRow,
@@ -218,9 +217,11 @@ def commit_directory(
     found = scan_source(source)
     root = Path(os.path.realpath(source if source.is_dir() else source.parent))
     base = _latest_version(ctx, project=project, name=name)
-    base_digests = {f.digest for f in _read_manifest(ctx, base.manifest_digest)} if base else set()
+    base_manifest = _manifest_columns(ctx, base.manifest_digest) if base else {}
+    base_digests = {digest for digest, _ in base_manifest.values()}
     digests, created = _store_files(ctx, root, found, base_digests=base_digests, progress=progress)
-    entries = [FileEntry(path=f.path, digest=digests[f.path], size=f.size) for f in found]
+    # checked again by _commit (paths, digests, sizes) before anything is recorded
+    entries = [FileEntry.trusted(f.path, digests[f.path], f.size) for f in found]
     return _commit(
         ctx,
         project=project,
@@ -404,8 +405,9 @@ def status(
 ) -> WorktreeStatus:
     """The folder ``source`` against a version (the latest by default): files added, modified
     and removed. Files the stat cache knows unchanged are not read (``data.worktree``)."""
-    files = list_files(ctx, project=project, name=name, version=version)
-    return worktree.status(files, Path(source), cache=stat_cache(ctx))
+    found = get_version(ctx, project=project, name=name, version=version)
+    wanted = _manifest_columns(ctx, found.manifest_digest)
+    return worktree.status_of(wanted, Path(source), cache=stat_cache(ctx))
 
 
 def checkout(
@@ -623,12 +625,21 @@ def _verify_blobs(ctx: Context, files: Sequence[FileEntry], *, skip: frozenset[s
         )
 
 
+def _manifest_columns(ctx: Context, digest: str) -> dict[str, tuple[str, int]]:
+    """A (hash-verified) manifest as ``path -> (digest, size)``, without an object per file."""
+    table = pq.read_table(pa.BufferReader(ctx.blobs.get_bytes(digest)))
+    columns = table.select(MANIFEST_SCHEMA.names).to_pydict()
+    pairs = zip(columns["digest"], columns["size"], strict=True)
+    return dict(zip(columns["path"], pairs, strict=True))
+
+
 def _read_manifest(ctx: Context, digest: str) -> list[FileEntry]:
     table = pq.read_table(pa.BufferReader(ctx.blobs.get_bytes(digest)))
     columns = table.select(MANIFEST_SCHEMA.names).to_pydict()
     # our own manifest, hash-verified: its rows were validated when it was written
+    trusted = FileEntry.trusted
     return [
-        FileEntry.model_construct(path=p, digest=d, size=n)
+        trusted(p, d, n)
         for p, d, n in zip(columns["path"], columns["digest"], columns["size"], strict=True)
     ]
 
@@ -709,7 +720,7 @@ def _insert_version(
     with ctx.db.transaction() as s:
         lock(s, "datasets")
         pid = project_id(s, project, create=True)
-        _add_refs_bulk(s, pid, digests)
+        add_refs(s, project_pk=pid, digests=digests)
         dataset = s.scalar(
             select(DatasetRow).where(DatasetRow.project_id == pid, DatasetRow.name == name)
         )
@@ -763,30 +774,6 @@ def _insert_version(
         )
         s.flush()
         return _version(row, project, name)
-
-
-def _add_refs_bulk(s: Session, pid: str, digests: Iterable[str]) -> None:
-    """``blobrefs.add_refs`` for many digests: existing references read in slices (a statement
-    has a bounded number of parameters), the missing ones inserted in one executemany rather
-    than one ORM object each (20,000 files: seconds -> tens of milliseconds)."""
-    wanted = sorted(set(digests))
-    have: set[str] = set()
-    for start in range(0, len(wanted), _REFS_PER_QUERY):
-        part = wanted[start : start + _REFS_PER_QUERY]
-        have.update(
-            s.scalars(
-                select(BlobRefRow.digest).where(
-                    BlobRefRow.project_id == pid, BlobRefRow.digest.in_(part)
-                )
-            )
-        )
-    missing = [d for d in wanted if d not in have]
-    if missing:
-        now = utcnow()
-        s.execute(
-            insert(BlobRefRow),
-            [{"project_id": pid, "digest": d, "created_at": now} for d in missing],
-        )
 
 
 def _latest_version(ctx: Context, *, project: str, name: str) -> DatasetVersion | None:

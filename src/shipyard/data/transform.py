@@ -26,6 +26,18 @@ and the canonical JSON of ``params``. The key, with the output dataset, is kept 
 ``[transform KEY]``, for people): a later call with the same key and output dataset returns that
 version, while it is live, without running anything -- also when the run's output was the same
 as the output dataset's latest version and no new version was written.
+
+**On Ray** (``on="ray"``): the batches or files run as Ray tasks (``call_batch`` / ``call_file``,
+one CPU each, no retries) on the cluster at ``ray_address`` -- by default the Ray executor's
+(``SHIPYARD_EXECUTOR=ray://HOST:PORT``) -- through the process's one Ray Client connection
+(:mod:`shipyard.compute.executors.ray`). Plain tasks, not Ray Data: they go through the same ordered
+window as the local pool (``2 * workers`` in flight), so a failure names its table and batch
+index, results are written in batch order, and nothing is committed until every task succeeded.
+The function's top-level package (or module file) is shipped with the tasks (zipped, ``ray.put``
+once, unpacked onto the workers' ``sys.path``) unless it is installed in this Python (then the
+cluster's nodes must have it installed too); code it imports from elsewhere must be installed
+there.
+Result, lineage and cache are those of a local run: the cache key does not name the backend.
 """
 
 from __future__ import annotations
@@ -33,16 +45,21 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import inspect
+import io
 import json
 import multiprocessing
 import os
 import re
+import socket
 import sys
 import tempfile
+import threading
+import zipfile
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Literal
 
 import pyarrow as pa
@@ -51,12 +68,16 @@ import pyarrow.parquet as pq
 from sqlalchemy import select
 
 from shipyard.blobs import hash_bytes
+from shipyard.compute.executors.base import ExecutorUnavailableError
+from shipyard.compute.executors.ray import PROBE_TIMEOUT_S, SCHEME, RayExecutor, parse_url
 from shipyard.context import Context
 from shipyard.data import datasets
 from shipyard.data._transform_worker import (
+    CODE_ENV,
     WorkerError,
     call_batch,
     call_file,
+    call_with_code,
     import_object,
     init_worker,
 )
@@ -64,7 +85,7 @@ from shipyard.data.datasets import Progress
 from shipyard.domain.models import DatasetVersion, FileEntry
 from shipyard.domain.names import validate_name
 from shipyard.domain.principals import Role
-from shipyard.errors import InvalidInputError
+from shipyard.errors import BackendError, InvalidInputError
 from shipyard.security import audit
 from shipyard.security.blobrefs import add_refs
 from shipyard.security.rbac import authorize
@@ -73,6 +94,8 @@ from shipyard.store.tables import DatasetRow, DatasetTransformRow, DatasetVersio
 
 Mode = Literal["rows", "files", "auto"]
 MODES: tuple[str, ...] = ("rows", "files", "auto")
+On = Literal["local", "ray"]
+BACKENDS: tuple[str, ...] = ("local", "ray")
 RELATION = "transform"
 BATCH_ROWS = 65_536
 
@@ -101,6 +124,8 @@ def transform(
     batch_rows: int = BATCH_ROWS,
     search_path: Sequence[str | Path] = (),
     progress: Progress | None = None,
+    on: On = "local",
+    ray_address: str | None = None,
 ) -> DatasetVersion:
     """Run ``fn`` over version ``source`` (``NAME@V``; ``NAME`` for the latest) and commit the
     result as the next version of dataset ``to`` (see the module notes); the cached output
@@ -110,6 +135,8 @@ def transform(
     ``fn`` from (the CLI passes its working folder). ``batch_rows``: the most rows of one batch
     (part of the cache key, since a function may depend on how rows are grouped).
     ``progress(done, total, path)`` counts the source bytes handled, after each file.
+    ``on``: ``local`` (a pool of ``workers`` processes here) or ``ray`` (tasks on the Ray cluster
+    at ``ray_address``, by default ``SHIPYARD_EXECUTOR``'s; ``2 * workers`` of them in flight).
     """
     validate_name(project, field="project")
     validate_name(to, field="to")
@@ -119,6 +146,9 @@ def transform(
         raise InvalidInputError("workers must be at least 1", field="workers")
     if batch_rows < 1:
         raise InvalidInputError("batch_rows must be at least 1", field="batch_rows")
+    if on not in BACKENDS:
+        raise InvalidInputError(f"on {on!r} is not one of {', '.join(BACKENDS)}", field="on")
+    address = _ray_address(ctx, ray_address) if on == "ray" else None
     authorize(ctx, project=project, need=Role.EDITOR)
     name, _, ref = source.partition("@")
     found = datasets.get_version(ctx, project=project, name=name, version=ref or None)
@@ -131,7 +161,8 @@ def transform(
     cached = _cached(ctx, project=project, source=found, to=to, key=key)
     if cached is not None:
         return cached
-    with _pool(workers, paths) as pool, tempfile.TemporaryDirectory(prefix="transform-") as tmp:
+    pool_cm = _pool(workers, paths) if address is None else _ray_pool(address, function.ref)
+    with pool_cm as pool, tempfile.TemporaryDirectory(prefix="transform-") as tmp:
         run = _Run(
             ctx, pool, function.ref, arguments, Path(tmp), window=2 * workers, rows=batch_rows
         )
@@ -219,7 +250,7 @@ class _Run:
     def __init__(
         self,
         ctx: Context,
-        pool: cf.ProcessPoolExecutor,
+        pool: cf.Executor,
         fn: str,
         params: dict[str, Any],
         tmp: Path,
@@ -342,6 +373,10 @@ def _result(future: cf.Future[Any], what: str, fn: str) -> Any:
             field="fn",
             traceback=exc.args[1],
         ) from None
+    except _TaskLost as exc:
+        raise InvalidInputError(
+            f"{fn} failed on {what}: {exc}; nothing was committed", field="fn"
+        ) from None
     except cf.process.BrokenProcessPool:
         raise InvalidInputError(
             f"{fn} failed on {what}: its worker process died (killed, out of memory, or a "
@@ -400,6 +435,177 @@ def _pool(workers: int, search_path: Sequence[str]) -> Iterator[cf.ProcessPoolEx
         failed = False
     finally:
         pool.shutdown(wait=True, cancel_futures=failed)
+
+
+# --- Ray ---------------------------------------------------------------------------------------
+
+
+class _TaskLost(Exception):
+    """A Ray task that ended without the user's function answering (its worker died, the
+    connection was lost, the code did not import on the node): what happened, for the error."""
+
+
+def _ray_address(ctx: Context, given: str | None) -> str:
+    """``given``, else the Ray executor's address (``SHIPYARD_EXECUTOR``), checked."""
+    configured = ctx.settings.executor
+    address = given or (configured if configured.startswith(SCHEME) else None)
+    if not address:
+        raise InvalidInputError(
+            "a transform on Ray needs the cluster's address: pass --ray-address ray://HOST:PORT "
+            "(the head node's Ray Client port, 10001 by default) or set "
+            "SHIPYARD_EXECUTOR=ray://HOST:PORT",
+            field="ray_address",
+        )
+    try:
+        parse_url(address)
+    except InvalidInputError:
+        raise InvalidInputError(
+            f"--ray-address {address!r} is not a Ray address; write ray://HOST:PORT (the head "
+            "node's Ray Client port, 10001 by default)",
+            field="ray_address",
+        ) from None
+    return address
+
+
+@contextlib.contextmanager
+def _ray_pool(address: str, fn: str) -> Iterator[_RayPool]:
+    """Tasks on the Ray cluster at ``address``, through the process's Ray Client connection
+    (shared with a Ray executor of the same address, and closed after us if we opened it); a
+    clear error naming the address when nothing answers there."""
+    shipped = _shipped_code(fn)
+    executor = RayExecutor(address)
+    try:
+        _probe(executor.host, executor.port, address)
+        try:
+            with executor._connected() as ray:
+                pool = _RayPool(ray, _code_bundle(shipped))
+        except ExecutorUnavailableError as exc:
+            raise _unreachable(address, exc.reason) from None
+        failed = True
+        try:
+            yield pool
+            failed = False
+        finally:
+            pool.shutdown(wait=False, cancel_futures=failed)
+    finally:
+        executor.close()
+
+
+def _probe(host: str, port: int, address: str) -> None:
+    try:
+        with socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        raise _unreachable(address, f"nothing answers there: {exc.strerror or exc}") from None
+
+
+def _unreachable(address: str, why: str) -> BackendError:
+    return BackendError(
+        f"the Ray cluster at {address} cannot be reached ({why}); start it (ray start --head), "
+        "pass its Ray Client address with --ray-address ray://HOST:PORT (or set "
+        "SHIPYARD_EXECUTOR), or run with --on local; nothing was committed",
+        field="ray_address",
+    )
+
+
+def _shipped_code(fn: str) -> list[str]:
+    """The folder of ``fn``'s top-level package, or its module's file, to ship to the tasks;
+    none when it is installed in this Python (the nodes must have it too)."""
+    top = sys.modules[fn.partition(":")[0].split(".")[0]]
+    file = getattr(top, "__file__", None)
+    if hasattr(top, "__path__"):
+        path = Path(file).parent if file else Path(next(iter(top.__path__)))
+    elif file:
+        path = Path(file)
+    else:
+        return []
+    path = path.resolve()
+    installed = {Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve()}
+    if any(path.is_relative_to(prefix) for prefix in installed) or top.__name__ == "shipyard":
+        return []
+    return [str(path)]
+
+
+def _code_bundle(shipped: list[str]) -> tuple[str, bytes] | None:
+    """``shipped`` as a zip (a package folder under its own name, a module file as itself) and
+    its digest, for the tasks to unpack onto their ``sys.path``. A task's ``runtime_env`` takes
+    local folders only at ``ray.init``, and the Ray Client connection is the process's, opened
+    without them (uploading them by hand through Ray Client hangs in Ray 2.60), so we ship it."""
+    if not shipped:
+        return None
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for entry in map(Path, shipped):
+            files = [entry] if entry.is_file() else sorted(entry.rglob("*"))
+            for file in files:
+                if file.is_file() and "__pycache__" not in file.parts:
+                    archive.write(file, file.relative_to(entry.parent).as_posix())
+    data = buffer.getvalue()
+    return hash_bytes(data), data
+
+
+class _RayPool(cf.Executor):
+    """``call_batch`` / ``call_file`` as Ray tasks, their results as ``concurrent.futures``
+    futures so :class:`_Run` uses them as it uses the local pool's. A failure of the user's
+    function comes back as the same :class:`WorkerError`; anything else as :class:`_TaskLost`."""
+
+    def __init__(self, ray: ModuleType, code: tuple[str, bytes] | None) -> None:
+        self._ray = ray
+        # One code version per worker process: other code (another digest) gets other workers,
+        # so a worker never holds an older import of a module.
+        env = {"env_vars": {CODE_ENV: code[0]}} if code else {}
+        self._task = ray.remote(call_with_code).options(num_cpus=1, max_retries=0, runtime_env=env)
+        self._code = (code[0], ray.put(code[1])) if code else (None, None)
+        self._pending: dict[int, Any] = {}  # the tasks not yet answered, by id(ref)
+        self._lock = threading.Lock()
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> cf.Future[Any]:
+        ref = self._task.remote(*self._code, fn, *args, **kwargs)
+        with self._lock:
+            self._pending[id(ref)] = ref
+        outer: cf.Future[Any] = cf.Future()
+
+        def done(inner: cf.Future[Any]) -> None:
+            with self._lock:
+                self._pending.pop(id(ref), None)
+            if not outer.set_running_or_notify_cancel():
+                return  # cancelled by the window: nobody waits for it
+            error = inner.exception()
+            if error is None:
+                outer.set_result(inner.result())
+            else:
+                outer.set_exception(self._failure(error))
+
+        ref.future().add_done_callback(done)
+        return outer
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """After an error, cancel the tasks still queued or running on the cluster."""
+        if not cancel_futures:
+            return
+        with self._lock:
+            refs = list(self._pending.values())
+            self._pending.clear()
+        for ref in refs:
+            with contextlib.suppress(Exception):
+                self._ray.cancel(ref)
+
+    def _failure(self, error: BaseException) -> BaseException:
+        exceptions = self._ray.exceptions
+        if isinstance(error, exceptions.RayTaskError):
+            cause = getattr(error, "cause", None)
+            if isinstance(cause, WorkerError):
+                return WorkerError(*cause.args)
+            return _TaskLost(f"its Ray task failed ({type(cause).__name__}: {cause})")
+        if isinstance(error, exceptions.WorkerCrashedError | exceptions.NodeDiedError):
+            return _TaskLost(
+                f"its Ray worker process died (killed, or out of memory): {_first_line(error)}"
+            )
+        return _TaskLost(f"its Ray task was lost ({type(error).__name__}: {_first_line(error)})")
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[0]
 
 
 # --- storing, cache and lineage -----------------------------------------------------------------

@@ -75,14 +75,22 @@ Writer = Callable[[FileEntry, Path], bool]
 def status(files: Sequence[FileEntry], folder: Path, *, cache: StatCache) -> WorktreeStatus:
     """``folder`` against ``files`` (a version's manifest). Reads only files the stat cache does
     not know with their current stamps, and only those whose size matches the version's."""
+    return status_of({f.path: (f.digest, f.size) for f in files}, folder, cache=cache)
+
+
+def status_of(
+    wanted: dict[str, tuple[str, int]], folder: Path, *, cache: StatCache
+) -> WorktreeStatus:
+    """:func:`status` with the manifest as ``path -> (digest, size)``: no object per file, so
+    a no-change status of a large folder is one ``scandir`` per folder, one ``stat`` and one
+    dict lookup per file."""
     found = scan_folder(folder, field="path") if folder.exists() else []
-    wanted = {f.path: f for f in files}
     digests = _local_digests(
-        folder, found, cache=cache, sizes={p: f.size for p, f in wanted.items()}
+        folder, found, cache=cache, sizes={p: size for p, (_, size) in wanted.items()}
     )
     on_disk = {f.path for f in found}
     modified = [
-        f.path for f in found if f.path in wanted and digests.get(f.path) != wanted[f.path].digest
+        f.path for f in found if f.path in wanted and digests.get(f.path) != wanted[f.path][0]
     ]
     return WorktreeStatus(
         added=sorted(on_disk - wanted.keys()),
@@ -100,9 +108,11 @@ def checkout(
     write: Writer,
     force: bool = False,
     progress: Callable[[int, int, str], None] | None = None,
+    write_many: Callable[[list[tuple[FileEntry, Path]]], None] | None = None,
 ) -> CheckoutResult:
-    """Make ``dest`` hold ``files``: write each file that is missing or differs (with ``write``),
-    leave the others alone. Refuses (409, listing them) when a file to overwrite holds local
+    """Make ``dest`` hold ``files``: write each file that is missing or differs (with ``write``,
+    or all at once with ``write_many`` when given: downloads, many to a request), leave the
+    others alone. Refuses (409, listing them) when a file to overwrite holds local
     edits, unless ``force``. Paths are confined to ``dest`` before anything is written."""
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
@@ -131,8 +141,16 @@ def checkout(
     done = 0
     linked = 0
     hashed_at = time.time_ns()
+    if write_many is not None:
+        write_many(todo)
+        if progress is not None and todo:
+            progress(total, total, todo[-1][0].path)
     with ThreadPoolExecutor(_WORKERS) as pool:
-        parts = [todo[k : k + _TASK_FILES] for k in range(0, len(todo), _TASK_FILES)]
+        parts = (
+            []
+            if write_many is not None
+            else [todo[k : k + _TASK_FILES] for k in range(0, len(todo), _TASK_FILES)]
+        )
         written = pool.map(lambda p: [write(e, t) for e, t in p], parts)
         for part, links in zip(parts, written, strict=True):
             linked += sum(links)

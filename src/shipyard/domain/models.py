@@ -30,6 +30,19 @@ class FileEntry(Model):
     digest: str
     size: int
 
+    @classmethod
+    def trusted(cls, path: str, digest: str, size: int) -> FileEntry:
+        """An entry from a row the platform wrote and verified itself (a hash-checked
+        manifest): built without validation, about 3x cheaper than ``model_construct``. Input
+        from users goes through the constructor."""
+        entry = object.__new__(cls)
+        _set = object.__setattr__
+        _set(entry, "__dict__", {"path": path, "digest": digest, "size": size})
+        _set(entry, "__pydantic_fields_set__", {"path", "digest", "size"})
+        _set(entry, "__pydantic_extra__", None)
+        _set(entry, "__pydantic_private__", None)
+        return entry
+
 
 class ColumnProfile(Model):
     name: str

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from shipyard.context import Context
@@ -19,7 +19,9 @@ from shipyard.domain.principals import Role
 from shipyard.errors import NotFoundError
 from shipyard.security.rbac import authorize
 from shipyard.store.queries import project_id
-from shipyard.store.tables import BlobRefRow, ProjectRow
+from shipyard.store.tables import BlobRefRow, ProjectRow, utcnow
+
+_REFS_PER_QUERY = 5000  # digests per IN (...) query: SQLite caps a statement's parameters
 
 
 def authorize_blob(ctx: Context, *, project: str, digest: str, need: Role) -> None:
@@ -71,21 +73,48 @@ def note_upload(ctx: Context, *, project: str, digest: str) -> None:
 
 def add_refs(s: Session, *, project_pk: str, digests: Iterable[str]) -> int:
     """Inside a service's transaction: ``project_pk`` (a project's id) references ``digests``;
-    returns how many references were new."""
-    wanted = set(digests)
-    if not wanted:
-        return 0
-    have = set(
-        s.scalars(
-            select(BlobRefRow.digest).where(
-                BlobRefRow.project_id == project_pk, BlobRefRow.digest.in_(wanted)
+    returns how many references were new. The existing ones are read in slices (a statement has
+    a bounded number of parameters) and the missing ones inserted in one executemany, not one
+    ORM object each (20,000 files: seconds -> tens of milliseconds)."""
+    wanted = sorted(set(digests))
+    have: set[str] = set()
+    for start in range(0, len(wanted), _REFS_PER_QUERY):
+        part = wanted[start : start + _REFS_PER_QUERY]
+        have.update(
+            s.scalars(
+                select(BlobRefRow.digest).where(
+                    BlobRefRow.project_id == project_pk, BlobRefRow.digest.in_(part)
+                )
             )
         )
-    )
-    missing = sorted(wanted - have)
-    for digest in missing:
-        s.add(BlobRefRow(project_id=project_pk, digest=digest))
+    missing = [d for d in wanted if d not in have]
+    if missing:
+        now = utcnow()
+        s.execute(
+            insert(BlobRefRow),
+            [{"project_id": project_pk, "digest": d, "created_at": now} for d in missing],
+        )
     return len(missing)
 
 
-__all__ = ["add_refs", "authorize_blob", "note_upload", "require_refs"]
+def missing_refs(ctx: Context, *, project: str, digests: Iterable[str]) -> set[str]:
+    """Which of ``digests`` ``project`` does not reference (none for a server admin)."""
+    wanted = sorted(set(digests))
+    if ctx.principal.server_admin or not wanted:
+        return set()
+    have: set[str] = set()
+    with ctx.db.read() as s:
+        pid = project_id(s, project, create=False)
+        for start in range(0, len(wanted), _REFS_PER_QUERY):
+            part = wanted[start : start + _REFS_PER_QUERY]
+            have.update(
+                s.scalars(
+                    select(BlobRefRow.digest).where(
+                        BlobRefRow.project_id == pid, BlobRefRow.digest.in_(part)
+                    )
+                )
+            )
+    return set(wanted) - have
+
+
+__all__ = ["add_refs", "authorize_blob", "missing_refs", "note_upload", "require_refs"]
