@@ -6,10 +6,12 @@ print one line saying what went wrong and what to do, and exit non-zero.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import time
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -207,19 +209,7 @@ def data_commit(
     A failed error-severity check refuses the commit with the failing rows; warnings and
     poisoning signals are recorded on the version (see `data show`)."""
     client = _client()
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        console=err,
-        transient=True,
-    ) as bar:
-        task = bar.add_task("hashing", total=None)
-
-        def progress(done: int, total: int, what: str) -> None:
-            bar.update(task, completed=done, total=total, description=what[-40:])
-
+    with _byte_progress("hashing") as progress:
         dv = client.datasets.commit(
             path, name=dataset, message=message, project=project, progress=progress, checks=checks
         )
@@ -228,6 +218,25 @@ def data_commit(
         f"{dv.total_bytes} bytes ({dv.new_bytes} new), manifest {dv.manifest_digest[:16]}"
     )
     _print_checks(dv)
+
+
+@contextlib.contextmanager
+def _byte_progress(label: str) -> Iterator[Callable[[int, int, str], None]]:
+    """A transient bar on stderr (bytes, speed, the current path), and its ``progress`` call."""
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        console=err,
+        transient=True,
+    ) as bar:
+        task = bar.add_task(label, total=None)
+
+        def progress(done: int, total: int, what: str) -> None:
+            bar.update(task, completed=done, total=total, description=what[-40:])
+
+        yield progress
 
 
 def _print_checks(dv: DatasetVersion) -> None:
@@ -346,19 +355,7 @@ def data_transform(
         raise InvalidInputError(f"--mode {mode!r}: give rows, files or auto", field="mode")
     if on not in ("local", "ray"):
         raise InvalidInputError(f"--on {on!r}: give local or ray", field="on")
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        console=err,
-        transient=True,
-    ) as bar:
-        task = bar.add_task("transforming", total=None)
-
-        def progress(done: int, total: int, what: str) -> None:
-            bar.update(task, completed=done, total=total, description=what[-40:])
-
+    with _byte_progress("transforming") as progress:
         dv = _client().datasets.transform(
             ref,
             fn=fn,
@@ -556,19 +553,7 @@ def _checkout(
     ref: str, dest: Path, *, force: bool, link: str, include: list[str], project: str | None
 ) -> None:
     name, _, version = ref.partition("@")
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        console=err,
-        transient=True,
-    ) as bar:
-        task = bar.add_task("writing", total=None)
-
-        def progress(done: int, total: int, what: str) -> None:
-            bar.update(task, completed=done, total=total, description=what[-40:])
-
+    with _byte_progress("writing") as progress:
         result = _client().datasets.checkout(
             name,
             dest,
