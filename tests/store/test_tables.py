@@ -16,6 +16,8 @@ from shipyard.store.tables import (
     CheckpointFileRow,
     CheckpointRow,
     DatasetRow,
+    DatasetTagRow,
+    DatasetTransformRow,
     DatasetVersionRow,
     DeploymentRow,
     JobRow,
@@ -59,6 +61,20 @@ def full_rows() -> list[Base]:
             message=TEXT,
             created_at=T0,
             created_by="alice",
+            deleted_at=T0 + timedelta(days=1),
+            deleted_by="bob",
+        ),
+        DatasetTagRow(
+            dataset_id="d1", tag="golden", version_id="dv1", created_at=T0, created_by="alice"
+        ),
+        DatasetTransformRow(
+            key="k" * 64,
+            project_id="p1",
+            input_version_id="dv0",
+            code_hash="c" * 64,
+            params=JSON_DOC,
+            output_version_id="dv1",
+            created_at=T0,
         ),
         RunRow(
             id="r1",

@@ -107,7 +107,9 @@ class CommitDatasetRequest(Request):
 
 
 class TagDatasetRequest(Request):
-    version: int | str = Field(description="The version to tag: 3, 'v3', 'latest' or a tag.")
+    version: Version | Annotated[str, Field(max_length=NAME_MAX_LEN)] = Field(
+        description="The version to tag: 3, 'v3', 'latest' or a tag."
+    )
     force: bool = Field(default=False, description="Move the tag if another version holds it.")
 
 
