@@ -49,7 +49,6 @@ from shipyard.domain.principals import Role
 from shipyard.errors import ConflictError, InvalidInputError, NotFoundError
 from shipyard.security import audit
 from shipyard.security.blobrefs import add_refs, require_refs
-from shipyard.security.paths import safe_file, walk_files
 from shipyard.security.rbac import authorize
 from shipyard.store.engine import lock
 from shipyard.store.queries import project_id
@@ -82,7 +81,6 @@ MANIFEST_SCHEMA = pa.schema(
 )
 
 _COMMIT_ATTEMPTS = 5
-_REFS_PER_QUERY = 5000  # digests per IN (...) query: SQLite caps a statement's parameters
 _VERSION_RE = re.compile(r"^v?([0-9]{1,9})$")
 
 
@@ -582,22 +580,6 @@ def _check_stored_many(
                 field=f"files[{i}]",
             )
     ctx.blobs.touch_many(list(stored))
-
-
-def source_files(source: Path) -> list[tuple[str, Path]]:
-    """The files a commit of ``source`` takes, as ``(relative path, real path)``, all checked.
-
-    Shared by the embedded commit and the HTTP client, so both refuse the same sources alike.
-    """
-    if not source.exists():
-        raise NotFoundError(f"source {str(source)!r} does not exist", field="source")
-    if source.is_file():
-        validate_relative_path(source.name, field="source")
-        return [(source.name, safe_file(source, field="source"))]
-    found = list(walk_files(source, field="source"))
-    if not found:
-        raise InvalidInputError(f"source {str(source)!r} contains no files", field="source")
-    return found
 
 
 def _verify_blobs(ctx: Context, files: Sequence[FileEntry], *, skip: frozenset[str]) -> None:
