@@ -13,7 +13,12 @@ STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 PYTEST_ARGS ?=
 # -q still ends with pytest's summary line ("N passed, M skipped in Ts"); CI (CI=true) runs in a
 # fresh clone, so it keeps no pytest cache behind.
-PYTEST_OPTS := -q $(if $(filter true,$(CI)),-p no:cacheprovider)
+# The suite runs on $(TEST_WORKERS) pytest-xdist workers: most tests wait on real processes, servers
+# and disks, so three workers keep this machine's two cores busy; Ray tests share one worker
+# (tests/conftest.py). TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 3
+PYTEST_OPTS := -q $(if $(filter true,$(CI)),-p no:cacheprovider) \
+	$(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
 
 export PIP_NO_INPUT := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1

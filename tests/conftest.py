@@ -157,3 +157,20 @@ def live_server(tmp_path: Path) -> Iterator[LiveServer]:
     server = LiveServer(home)
     yield server
     server.stop()
+
+
+# The suite runs on several pytest-xdist workers (``-n``, ``--dist loadgroup``: the Makefile).
+# Tests that start a Ray cluster share one worker, one after another: two local Ray clusters at
+# once would contend for the machine's two cores and memory, and their start-up timings are what
+# those tests assert on.
+_XDIST_GROUPS = {
+    "tests/compute/executors/": "ray",
+    "tests/data/test_transform_ray.py": "ray",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        for prefix, group in _XDIST_GROUPS.items():
+            if item.nodeid.startswith(prefix):
+                item.add_marker(pytest.mark.xdist_group(group))
