@@ -1,26 +1,25 @@
-"""Serving throughput and latency: a shipyard replica against the same ONNX model in-process.
+"""Serving throughput and latency: a shipyard replica against a plain FastAPI app (issue 8).
 
-The model is digits-sized: an MLP 64 -> 128 (ReLU) -> 10 built with ``onnx.helper`` (dynamic
-batch dimension, so the replica's adaptive batcher can merge requests). Inputs are single rows of
-64 floats in [0, 16], like scikit-learn's digits.
+Both serve the same digits-sized ONNX model, an MLP 64 -> 128 (ReLU) -> 10 built with
+``onnx.helper`` (dynamic batch dimension), to batch-1 Open Inference Protocol v2 JSON requests
+(``POST /v2/models/digits/infer``, one row of 64 floats in [0, 16], like scikit-learn's
+digits). The baseline is ``benchmarks/serving_fastapi_app.py``: FastAPI + pydantic + ONNX
+Runtime, under uvicorn (httptools and uvloop, as installed), access log off.
 
-Variants:
+Each server runs pinned to one core (``taskset -c 0``) and the load generator, ``wrk``, on
+another (``taskset -c 1 wrk -t1 -cC -dD --latency -s post.lua``, a Lua script posting the
+JSON body). Rounds alternate the two servers at every concurrency (1, 16, 64), so slow drifts
+in the machine's other load hit both alike; figures are medians over rounds. Per run:
+requests/s, p50 and p99 latency (wrk's), non-2xx answers, and the server process's CPU time per
+request (user + system, from psutil), which depends less on other load than requests/s does.
+Every server's answer is checked against ONNX Runtime in-process before it is measured.
 
-- ``inprocess_single``: ``session.run`` on one row at a time in a loop, one thread: the limit
-  for single-row inference on this machine, with no protocol, no network and no batching.
-- ``inprocess_threads``: the same session called from ``--concurrency`` threads at once (what an
-  application embedding the model would see under the same concurrency as the load test).
-- ``replica_*``: ``python -m shipyard.serving.replica`` as a subprocess on 127.0.0.1, loaded from
-  a blob store, driven by ``--concurrency`` closed-loop clients (threads, one keep-alive
-  ``http.client`` connection each) sending single-row Open Inference Protocol v2 JSON requests
-  (``POST /v2/models/digits/infer``), after a warm-up. Several batcher settings are measured:
-  ``max_wait_ms`` 2 (the main figure), 0, 5 (the deployment default) and ``max_batch_size`` 1
-  (batching off). The replica's ``/metrics`` batch-size histogram is read before and after the
-  measured phase, so the mean batch size is for the measured requests only.
+Batching lift (``batching``): a model large enough to be compute-bound, an MLP 64 -> 2048 ->
+2048 -> 10 (ReLU; ~2 ms a batch-1 call on one thread), served by the replica with
+``--max-batch-size 32`` and with ``--max-batch-size 1``, at concurrency 1 (batching must not
+make a lone request slower) and 16 (it must lift throughput, >= 3x).
 
-Every response is checked (status 200, argmax equal to the in-process answer for that row).
-
-Overload (``replica_overload``, issue 5 item 15): a model that is the bottleneck (a fixed batch
+Overload (``overload``, issue 5 item 15): a model that is the bottleneck (a fixed batch
 dimension, so no batching, and ~1 GFLOP a call on one thread) served with load shedding
 (``--max-queue-rows 1 --max-queue-ms`` one model call). First the unloaded latency (one request
 at a time); then an open-loop burst at ``--overload`` (10) times the rate the replica sustains
@@ -29,14 +28,13 @@ counted from when each request was due). Reported: admitted p99 / unloaded p99, 
 (429), the shed requests' latency, the shed counts by reason from ``/metrics``, and the latency
 of the first request after the burst. ``replica_overload_calls`` admits only requests whose
 predicted wait is at most one model call (``--max-queue-calls 1``); ``replica_overload_defaults``
-runs the same burst against a replica started with no queue flags (what a deployment gets:
-256 rows, a predicted wait of 2 model calls but at least 100 ms, at most 1 s).
-Without ``--quick`` the same burst also runs against a replica whose queue is unbounded
-(``replica_overload_unbounded``: the behaviour before shedding), for comparison.
-``--only-overload`` runs just these.
+runs the same burst against a replica started with no queue flags. Without ``--quick`` the same
+burst also runs against a replica whose queue is unbounded (``replica_overload_unbounded``).
 
-Run: ``.venv/bin/python benchmarks/serving.py [--quick] [--requests N] [--concurrency C]
-[--only-overload]``.
+Run: ``.venv/bin/python benchmarks/serving.py [--quick] [--rounds N] [--seconds S]
+[--concurrency 1,16,64] [--no-overload | --only-overload]``. Needs ``wrk`` (Debian: ``apt-get
+install wrk``) and, for pinning, ``taskset`` and two cores (without them it runs unpinned and
+says so).
 """
 
 from __future__ import annotations
@@ -46,9 +44,12 @@ import asyncio
 import http.client
 import json
 import os
+import re
+import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -58,8 +59,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (
+    BENCH_DIR,
     PYTHON,
     SHIPYARD_ENV,
+    ChildProcess,
     child,
     child_env,
     free_port,
@@ -76,28 +79,34 @@ NAME = "serving"
 MODEL_NAME = "digits"
 INPUT = "input"
 N_IN, N_HIDDEN, N_OUT = 64, 128, 10
-DISTINCT_ROWS = 512
-
-# (name, max_batch_size, max_wait_ms); the first is the headline configuration.
-REPLICA_CONFIGS = (
-    ("replica_wait2ms", 32, 2.0),
-    ("replica_wait0ms", 32, 0.0),
-    ("replica_wait5ms", 32, 5.0),
-    ("replica_nobatch", 1, 0.0),
-)
-QUICK_CONFIGS = REPLICA_CONFIGS[:2]
+BIG_HIDDEN = 2048
+CONCURRENCY = (1, 16, 64)
+SERVER_CORE, CLIENT_CORE = "0", "1"
+TARGET_RATIO = 3.0
+# The lift compares model throughput: neither replica may answer 429 instead of computing.
+_NO_SHEDDING = [
+    "--max-queue-rows",
+    "100000",
+    "--max-queue-ms",
+    "600000",
+    "--max-queue-calls",
+    "1e9",
+]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a short smoke run")
-    parser.add_argument("--requests", type=int, help="measured requests per replica config")
-    parser.add_argument("--warmup", type=int, help="warm-up requests per replica config")
-    parser.add_argument("--concurrency", type=int, default=16, help="concurrent clients")
-    parser.add_argument("--inprocess-calls", type=int, help="session.run calls per in-process run")
+    parser.add_argument("--rounds", type=int, help="alternating rounds (default 3, 1 quick)")
+    parser.add_argument("--seconds", type=float, help="wrk duration per run (default 5, 2 quick)")
+    parser.add_argument(
+        "--concurrency", default=",".join(map(str, CONCURRENCY)), help="e.g. 1,16,64"
+    )
     parser.add_argument("--out", type=Path, help="result file (default results/serving.json)")
     parser.add_argument("--overload", type=float, default=10.0, help="burst rate / capacity")
     parser.add_argument("--overload-seconds", type=float, help="burst length (default 3, 2 quick)")
+    parser.add_argument("--no-overload", action="store_true", help="skip the overload scenario")
+    parser.add_argument("--no-batching", action="store_true", help="skip the batching lift")
     parser.add_argument(
         "--only-overload", action="store_true", help="run only the overload scenario"
     )
@@ -112,158 +121,396 @@ def main(argv: list[str] | None = None) -> int:
             args.out,
         )
         return 0
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        print("benchmarks/serving.py needs wrk: apt-get install wrk", file=sys.stderr)
+        return 2
     result = run(
-        requests=args.requests or (600 if args.quick else 5000),
-        warmup=args.warmup or (100 if args.quick else 500),
-        concurrency=args.concurrency,
-        inprocess_calls=args.inprocess_calls or (10000 if args.quick else 100000),
-        configs=QUICK_CONFIGS if args.quick else REPLICA_CONFIGS,
+        wrk=wrk,
+        rounds=args.rounds or (1 if args.quick else 3),
+        seconds=args.seconds or (2.0 if args.quick else 5.0),
+        concurrency=tuple(int(c) for c in args.concurrency.split(",")),
+        batching=not args.no_batching,
         quick=args.quick,
     )
-    overload = run_overload(factor=args.overload, seconds=overload_seconds, quick=args.quick)
-    result["overload"] = overload
-    result["headline"].extend(overload["headline"])
+    if not args.no_overload:
+        overload = run_overload(factor=args.overload, seconds=overload_seconds, quick=args.quick)
+        result["overload"] = overload
+        result["headline"].extend(overload["headline"])
     write_result(NAME, result, args.out)
     return 0
 
 
 def run(
     *,
-    requests: int,
-    warmup: int,
-    concurrency: int,
-    inprocess_calls: int,
-    configs: tuple[tuple[str, int, float], ...],
+    wrk: str,
+    rounds: int,
+    seconds: float,
+    concurrency: tuple[int, ...],
+    batching: bool,
     quick: bool,
 ) -> dict[str, Any]:
-    import onnxruntime as ort
-
     info = machine()
+    pin = _pinning()
+    where = f"server on core {SERVER_CORE}, wrk on core {CLIENT_CORE}" if pin else "unpinned"
     progress(
-        f"serving: MLP {N_IN}->{N_HIDDEN}->{N_OUT}, {concurrency} clients, {requests} requests "
-        f"per replica config ({info['cpus']} CPUs, load {info['loadavg']})"
+        f"serving: shipyard replica vs FastAPI, MLP {N_IN}->{N_HIDDEN}->{N_OUT}, c={concurrency}, "
+        f"{rounds} rounds x {seconds:g} s ({info['cpus']} CPUs, load {info['loadavg']}; {where})"
     )
-    model_bytes = build_mlp()
-    rng = np.random.default_rng(1)
-    rows = rng.integers(0, 17, size=(DISTINCT_ROWS, N_IN)).astype(np.float32)
-    # Same session settings as the replica's runtime (ORT defaults, CPU).
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(
-        model_bytes, sess_options=options, providers=["CPUExecutionProvider"]
-    )
-    expected = np.argmax(session.run(None, {INPUT: rows})[0], axis=1)
-    bodies = [request_body(row) for row in rows]
-
-    variants: dict[str, dict[str, Any]] = {}
-    progress(f"  inprocess_single: {inprocess_calls} session.run calls, 1 thread ...")
-    variants["inprocess_single"] = bench_inprocess(session, rows, expected, inprocess_calls, 1)
-    _report("inprocess_single", variants["inprocess_single"])
-    progress(f"  inprocess_threads: {inprocess_calls} calls from {concurrency} threads ...")
-    variants["inprocess_threads"] = bench_inprocess(
-        session, rows, expected, inprocess_calls, concurrency
-    )
-    _report("inprocess_threads", variants["inprocess_threads"])
-
     with tempfile.TemporaryDirectory(prefix="shipyard-bench-serving-") as tmp_name:
         tmp = Path(tmp_name)
-        from shipyard.blobs import BlobStore
-
-        blobs_url = (tmp / "blobs").as_uri()
-        digest = BlobStore(blobs_url).put_bytes(model_bytes).digest
-        for name, max_batch, max_wait in configs:
-            progress(
-                f"  {name}: replica max_batch_size={max_batch} max_wait_ms={max_wait}, "
-                f"{warmup} warm-up + {requests} requests ..."
-            )
-            outcome = bench_replica(
-                tmp / name,
-                blobs_url=blobs_url,
-                digest=digest,
-                max_batch=max_batch,
-                max_wait=max_wait,
-                bodies=bodies,
-                expected=expected,
-                requests=requests,
-                warmup=warmup,
-                concurrency=concurrency,
-            )
-            variants[name] = outcome
-            _report(name, outcome)
-
+        digits = _prepare(tmp, "digits", build_mlp())
+        servers = {
+            "fastapi": lambda: _start_fastapi(tmp, digits, pin=pin),
+            "shipyard": lambda: _start_replica(tmp, digits, "shipyard", [], pin=pin),
+        }
+        comparison = _compare(
+            wrk, servers, digits, concurrency=concurrency, rounds=rounds, seconds=seconds, pin=pin
+        )
+        lift: dict[str, Any] = {}
+        if batching:
+            big = _prepare(tmp, "big", build_mlp(hidden=BIG_HIDDEN, layers=2))
+            lift = _batching_lift(wrk, tmp, big, rounds=rounds, seconds=seconds, pin=pin)
     ratios: dict[str, dict[str, float | None]] = {}
-    single, threads = variants["inprocess_single"], variants["inprocess_threads"]
-    for name in (n for n in variants if n.startswith("replica_")):
-        v = variants[name]
-        if "skipped" in v:
-            continue
-        ratios[name] = {
-            "rps_vs_inprocess_single": ratio(v["rps"], single["rps"]),
-            "rps_vs_inprocess_threads": ratio(v["rps"], threads["rps"]),
-            "p50_vs_inprocess_threads": ratio(v["p50_ms"], threads["p50_ms"]),
-            "p99_vs_inprocess_threads": ratio(v["p99_ms"], threads["p99_ms"]),
-            "p50_vs_inprocess_single": ratio(v["p50_ms"], single["p50_ms"]),
-            "p99_vs_inprocess_single": ratio(v["p99_ms"], single["p99_ms"]),
+    for c in concurrency:
+        base, ours = comparison["fastapi"][str(c)], comparison["shipyard"][str(c)]
+        ratios[f"c{c}"] = {
+            "rps": ratio(ours["rps"], base["rps"]),
+            "p50": ratio(ours["p50_ms"], base["p50_ms"]),
+            "p99": ratio(ours["p99_ms"], base["p99_ms"]),
+            "cpu_per_request": ratio(
+                base["cpu_us_per_request"], ours["cpu_us_per_request"]
+            ),  # > 1: shipyard uses less CPU per request
         }
     headline: list[dict[str, Any]] = []
-    for name, v in variants.items():
-        if "skipped" in v:
-            headline.append({"name": name, "value": None, "skipped": v["skipped"]})
-            continue
-        detail = f"p50 {v['p50_ms']} ms, p99 {v['p99_ms']} ms"
-        if "batching" in v:
-            detail += f", mean batch {v['batching']['mean_batch_size']}"
-            detail += f", replica CPU {v['cpu']['replica_us_per_request']} us/req"
-        headline.append({"name": name, "value": v["rps"], "unit": "req/s", "detail": detail})
-    main_config = configs[0][0]
-    for versus in ("inprocess_single", "inprocess_threads"):
-        if main_config in ratios:
-            headline.append(
-                {
-                    "name": f"ratio {main_config} / {versus}",
-                    "value": ratios[main_config][f"rps_vs_{versus}"],
-                    "unit": "x rps",
-                    "detail": f"p50 x{ratios[main_config][f'p50_vs_{versus}']}, "
-                    f"p99 x{ratios[main_config][f'p99_vs_{versus}']}",
-                }
-            )
+    for c in concurrency:
+        ours, base = comparison["shipyard"][str(c)], comparison["fastapi"][str(c)]
+        headline.append(
+            {
+                "name": f"shipyard / FastAPI requests/s at c={c}",
+                "value": ratios[f"c{c}"]["rps"],
+                "unit": "x",
+                "detail": f"shipyard {ours['rps']:.0f} req/s (p50 {ours['p50_ms']} ms, p99 "
+                f"{ours['p99_ms']} ms, {ours['cpu_us_per_request']} us CPU/req); FastAPI "
+                f"{base['rps']:.0f} req/s (p50 {base['p50_ms']} ms, p99 {base['p99_ms']} ms, "
+                f"{base['cpu_us_per_request']} us CPU/req)",
+            }
+        )
+    if lift:
+        headline.append(
+            {
+                "name": "batching lift at c=16 (max-batch-size 32 / 1), compute-bound model",
+                "value": lift["lift_rps_c16"],
+                "unit": "x",
+                "detail": lift["detail"],
+            }
+        )
+    c16 = ratios.get("c16")
     return {
         "benchmark": NAME,
         "quick": quick,
         "workload": {
-            "model": f"MLP {N_IN}->{N_HIDDEN} relu->{N_OUT}, FP32, dynamic batch, "
-            f"{len(model_bytes)} bytes",
-            "request": "one row per request (OIP v2 JSON, shape [1, 64], FP32)",
-            "concurrency": concurrency,
-            "requests_per_replica_config": requests,
-            "warmup_per_replica_config": warmup,
-            "inprocess_calls": inprocess_calls,
-            "load_generator": "threads in the benchmark process, one keep-alive http.client "
-            "connection each, closed loop; request bodies pre-encoded",
+            "model": f"MLP {N_IN}->{N_HIDDEN} relu->{N_OUT}, FP32, dynamic batch",
+            "request": "one row per request (OIP v2 JSON, shape [1, 64], FP32), POST "
+            f"/v2/models/{MODEL_NAME}/infer",
+            "baseline": "benchmarks/serving_fastapi_app.py under uvicorn (auto: httptools, "
+            "uvloop), --no-access-log",
+            "shipyard": "python -m shipyard.serving.replica (defaults: --max-batch-size 32, "
+            "--max-wait-ms 5, --threads 1)",
+            "load_generator": f"wrk -t1 -cC -d{seconds:g}s --latency, Lua POST script, "
+            "closed loop, keep-alive",
+            "pinning": {"server_core": SERVER_CORE, "wrk_core": CLIENT_CORE} if pin else None,
+            "rounds": rounds,
+            "concurrency": list(concurrency),
         },
         "machine": info,
-        "variants": variants,
+        "variants": comparison,
         "ratios": ratios,
-        "ratio_definition": "rps_*: replica rps / in-process rps (< 1: the share of the "
-        "in-process rate the endpoint reaches); p50/p99_*: replica latency / in-process latency "
-        "(> 1: slower)",
+        "ratio_definition": "rps, p50, p99: shipyard / FastAPI (rps > 1: faster; latency < 1: "
+        "lower); cpu_per_request: FastAPI CPU per request / shipyard's (> 1: shipyard cheaper)",
+        "target": {
+            "rps_c16_at_least": TARGET_RATIO,
+            "met_rps_c16": None if c16 is None else (c16["rps"] or 0) >= TARGET_RATIO,
+            "met_p99_c16": None if c16 is None else (c16["p99"] or 99) <= 1.0,
+            "met_p50_c1": None if "c1" not in ratios else (ratios["c1"]["p50"] or 99) <= 1.0,
+        },
+        "batching": lift,
         "headline": headline,
         "loadavg_after": loadavg(),
         "caveats": [
-            "One run, wall-clock time on a shared machine; compare ratios within one run.",
-            "The load generator and the replica share the machine's cores, so the client's own "
-            "CPU (HTTP, JSON decode) is taken from the replica; on 2 cores this is a large share.",
-            "In-process figures have no protocol, JSON or network; the ratios are the whole cost "
-            "of serving over HTTP, not of shipyard's code alone (uvicorn, FastAPI and JSON "
-            "encoding are most of it).",
-            "In-process latencies are per session.run call; replica latencies are per HTTP "
-            "request, measured at the client.",
-            "cpu.replica_us_per_request (the replica process's CPU time over the measured phase "
-            "divided by requests) depends less on other load than rps does.",
-            "With 16 closed-loop clients and max_batch_size 32 a batch can never fill, so every "
-            "batch waits the full max_wait_ms; the nobatch and wait0ms configs show the cost.",
+            "Medians of alternating rounds, wall-clock time on a shared machine: other work on "
+            "the machine (see loadavg) slows both servers; compare the ratios within one run.",
+            "cpu_us_per_request is the server process's CPU time over a run divided by its "
+            "requests; under contention it grows too (caches, context switches), less than "
+            "requests/s falls.",
+            "wrk reports latency percentiles from its own HdrHistogram; at c=1 p50 is the "
+            "round-trip of one request.",
         ],
     }
+
+
+# --- the comparison ------------------------------------------------------------------------------
+
+
+def _compare(
+    wrk: str,
+    servers: dict[str, Any],
+    model: dict[str, Any],
+    *,
+    concurrency: tuple[int, ...],
+    rounds: int,
+    seconds: float,
+    pin: bool,
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Start each server once; alternate them run by run; medians per (server, concurrency)."""
+    runs: dict[str, dict[int, list[dict[str, Any]]]] = {
+        n: {c: [] for c in concurrency} for n in servers
+    }
+    started: dict[str, ChildProcess] = {}
+    try:
+        for name, start in servers.items():
+            started[name] = start()
+            _check_answers(started[name], model)
+            _wrk(wrk, started[name].port, model["lua"], 4, min(seconds, 2.0), pin=pin)  # warm up
+        for r in range(rounds):
+            order = list(servers) if r % 2 == 0 else list(reversed(servers))
+            for c in concurrency:
+                for name in order:
+                    outcome = _measured(wrk, started[name], model["lua"], c, seconds, pin=pin)
+                    runs[name][c].append(outcome)
+                    progress(
+                        f"  round {r + 1} {name:8s} c={c:<3d} {outcome['rps']:8.0f} req/s  p50 "
+                        f"{outcome['p50_ms']:.3f} ms  p99 {outcome['p99_ms']:.3f} ms  "
+                        f"{outcome['cpu_us_per_request']:.0f} us CPU/req"
+                        + (f"  {outcome['non_2xx']} non-2xx" if outcome["non_2xx"] else "")
+                    )
+    finally:
+        for proc in started.values():
+            proc.stop()
+    return {name: {str(c): _median_run(runs[name][c]) for c in concurrency} for name in servers}
+
+
+def _batching_lift(
+    wrk: str, tmp: Path, model: dict[str, Any], *, rounds: int, seconds: float, pin: bool
+) -> dict[str, Any]:
+    call_ms = _call_ms(model["bytes"])
+    progress(
+        f"  batching: MLP {N_IN}->{BIG_HIDDEN}->{BIG_HIDDEN}->{N_OUT}, in-process call "
+        f"batch 1 {call_ms['1']:.2f} ms, batch 16 {call_ms['16']:.2f} ms"
+    )
+    servers = {
+        name: (lambda name=name, size=size: _start_replica(
+            tmp, model, name, ["--max-batch-size", size, *_NO_SHEDDING], pin=pin))
+        for name, size in (("batched", "32"), ("unbatched", "1"))
+    }  # fmt: skip
+    comparison = _compare(
+        wrk, servers, model, concurrency=(1, 16), rounds=rounds, seconds=seconds, pin=pin
+    )
+    batched, unbatched = comparison["batched"], comparison["unbatched"]
+    lift = ratio(batched["16"]["rps"], unbatched["16"]["rps"])
+    return {
+        "model": f"MLP {N_IN}->{BIG_HIDDEN} relu->{BIG_HIDDEN} relu->{N_OUT}, FP32, dynamic batch",
+        "inprocess_call_ms": call_ms,
+        "variants": comparison,
+        "lift_rps_c16": lift,
+        "c1_p50_batched_vs_unbatched": ratio(batched["1"]["p50_ms"], unbatched["1"]["p50_ms"]),
+        "c1_p99_batched_vs_unbatched": ratio(batched["1"]["p99_ms"], unbatched["1"]["p99_ms"]),
+        "detail": f"batched {batched['16']['rps']:.0f} req/s (p99 {batched['16']['p99_ms']} ms) "
+        f"vs unbatched {unbatched['16']['rps']:.0f} req/s (p99 {unbatched['16']['p99_ms']} ms) "
+        f"at c=16; c=1 p50 {batched['1']['p50_ms']} vs {unbatched['1']['p50_ms']} ms",
+    }
+
+
+def _measured(
+    wrk: str, proc: ChildProcess, lua: Path, concurrency: int, seconds: float, *, pin: bool
+) -> dict[str, Any]:
+    before_cpu = _cpu_seconds(proc.proc.pid)
+    before_batches = scrape_batches(proc.port) if proc.shipyard else None
+    outcome = _wrk(wrk, proc.port, lua, concurrency, seconds, pin=pin)
+    cpu = _cpu_seconds(proc.proc.pid) - before_cpu
+    outcome["cpu_us_per_request"] = round(cpu / max(outcome["requests"], 1) * 1e6, 1)
+    if before_batches is not None:
+        outcome["batching"] = _batch_delta(before_batches, scrape_batches(proc.port))
+    if not proc.alive():
+        raise AssertionError(f"the server died under load: {proc.log_tail()}")
+    return outcome
+
+
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    keys = ("rps", "p50_ms", "p90_ms", "p99_ms", "max_ms", "cpu_us_per_request")
+    median = {key: round(statistics.median(r[key] for r in runs), 3) for key in keys}
+    median["requests"] = sum(r["requests"] for r in runs)
+    median["non_2xx"] = sum(r["non_2xx"] for r in runs)
+    median["socket_errors"] = sum(r["socket_errors"] for r in runs)
+    median["rounds"] = [{k: r[k] for k in ("rps", "p50_ms", "p99_ms")} for r in runs]
+    if runs and "batching" in runs[-1]:
+        calls = sum(r["batching"]["model_calls"] for r in runs)
+        rows = sum(r["batching"]["rows"] for r in runs)
+        median["mean_batch_size"] = round(rows / calls, 2) if calls else None
+    return median
+
+
+# --- wrk -----------------------------------------------------------------------------------------
+
+_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0, "m": 60_000.0}
+
+
+def _wrk(
+    wrk: str, port: int, lua: Path, concurrency: int, seconds: float, *, pin: bool
+) -> dict[str, Any]:
+    argv = [wrk, "-t1", f"-c{concurrency}", f"-d{seconds:g}s", "--latency", "-s", str(lua),
+            f"http://127.0.0.1:{port}/v2/models/{MODEL_NAME}/infer"]  # fmt: skip
+    if pin:
+        argv = ["taskset", "-c", CLIENT_CORE, *argv]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60, check=False)
+    if done.returncode != 0:
+        raise AssertionError(f"wrk failed ({done.returncode}): {done.stderr or done.stdout}")
+    return parse_wrk(done.stdout)
+
+
+def parse_wrk(text: str) -> dict[str, Any]:
+    """requests, rps, latency percentiles (ms), non-2xx and socket errors from wrk's output."""
+    percentiles = {
+        f"p{m.group(1)}_ms": round(float(m.group(2)) * _UNITS[m.group(3)], 3)
+        for m in re.finditer(r"^\s+(50|75|90|99)%\s+([\d.]+)(us|ms|s|m)\s*$", text, re.M)
+    }
+    latency_max = re.search(r"Latency\s+\S+\s+\S+\s+([\d.]+)(us|ms|s|m)", text)
+    requests = re.search(r"^\s*(\d+) requests in", text, re.M)
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", text)
+    errors = re.search(
+        r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text
+    )
+    if requests is None or rps is None or "p99_ms" not in percentiles:
+        raise AssertionError(f"cannot read wrk's output:\n{text}")
+    return {
+        "requests": int(requests.group(1)),
+        "rps": float(rps.group(1)),
+        **percentiles,
+        "max_ms": round(float(latency_max.group(1)) * _UNITS[latency_max.group(2)], 3)
+        if latency_max
+        else None,
+        "non_2xx": int(non2xx.group(1)) if non2xx else 0,
+        "socket_errors": sum(int(x) for x in errors.groups()) if errors else 0,
+    }
+
+
+def _lua(path: Path, body: bytes) -> Path:
+    path.write_text(
+        'wrk.method = "POST"\n'
+        'wrk.headers["Content-Type"] = "application/json"\n'
+        f"wrk.body = {json.dumps(body.decode())}\n"
+    )
+    return path
+
+
+# --- the servers ---------------------------------------------------------------------------------
+
+
+class _Server(ChildProcess):
+    port: int
+    shipyard: bool
+
+
+def _pinning() -> bool:
+    return shutil.which("taskset") is not None and (os.cpu_count() or 1) >= 2
+
+
+def _prepare(tmp: Path, name: str, model_bytes: bytes) -> dict[str, Any]:
+    """The model as a file and a blob, a request body, the expected answer and the wrk script."""
+    import onnxruntime as ort
+
+    from shipyard.blobs import BlobStore
+
+    path = tmp / f"{name}.onnx"
+    path.write_bytes(model_bytes)
+    blobs_url = (tmp / "blobs").as_uri()
+    digest = BlobStore(blobs_url).put_bytes(model_bytes).digest
+    row = np.random.default_rng(1).integers(0, 17, size=N_IN).astype(np.float32)
+    session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+    expected = session.run(None, {INPUT: row[None, :]})[0][0]
+    body = request_body(row)
+    return {
+        "bytes": model_bytes,
+        "path": path,
+        "blobs": blobs_url,
+        "digest": digest,
+        "body": body,
+        "expected": expected,
+        "lua": _lua(tmp / f"{name}.lua", body),
+    }
+
+
+def _start_fastapi(tmp: Path, model: dict[str, Any], *, pin: bool) -> _Server:
+    port = free_port()
+    argv = [PYTHON, "-m", "uvicorn", "serving_fastapi_app:app", "--app-dir", str(BENCH_DIR),
+            "--host", "127.0.0.1", "--port", str(port), "--no-access-log",
+            "--log-level", "warning"]  # fmt: skip
+    env = child_env(SERVING_BASELINE_MODEL=str(model["path"]), PYTHONUNBUFFERED="1")
+    return _start(argv, env, tmp / "fastapi.log", port, pin=pin, shipyard=False)
+
+
+def _start_replica(
+    tmp: Path, model: dict[str, Any], name: str, flags: list[str], *, pin: bool
+) -> _Server:
+    port = free_port()
+    argv = [PYTHON, "-m", "shipyard.serving.replica", "--blobs", model["blobs"],
+            "--digest", model["digest"], "--name", MODEL_NAME, "--version", "1",
+            "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
+            *flags]  # fmt: skip
+    env = child_env(PYTHONUNBUFFERED="1")
+    return _start(argv, env, tmp / f"{name}-{port}.log", port, pin=pin, shipyard=True)
+
+
+def _start(
+    argv: list[str], env: dict[str, str], log: Path, port: int, *, pin: bool, shipyard: bool
+) -> _Server:
+    if pin:
+        argv = ["taskset", "-c", SERVER_CORE, *argv]
+    proc = _Server(argv, env=env, log_path=log)
+    proc.port, proc.shipyard = port, shipyard
+    url = (
+        f"http://127.0.0.1:{port}/v2/health/ready" if shipyard else f"http://127.0.0.1:{port}/docs"
+    )
+    why = wait_http_ok(proc, url, timeout=90)
+    if why is not None:
+        proc.stop()
+        raise AssertionError(f"{' '.join(argv)} did not start: {why}")
+    return proc
+
+
+def _check_answers(proc: _Server, model: dict[str, Any]) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", proc.port, timeout=30)
+    try:
+        conn.request("POST", f"/v2/models/{MODEL_NAME}/infer", body=model["body"],
+                     headers={"Content-Type": "application/json"})  # fmt: skip
+        response = conn.getresponse()
+        data = response.read()
+    finally:
+        conn.close()
+    if response.status != 200:
+        raise AssertionError(f"HTTP {response.status}: {data[:300]!r}")
+    got = np.asarray(json.loads(data)["outputs"][0]["data"], dtype=np.float32)
+    np.testing.assert_allclose(got, model["expected"], rtol=1e-4, atol=1e-4)
+
+
+def _call_ms(model_bytes: bytes) -> dict[str, float]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    out = {}
+    for rows in (1, 16):
+        x = np.ones((rows, N_IN), dtype=np.float32)
+        session.run(None, {INPUT: x})
+        times = []
+        for _ in range(20):
+            started = time.perf_counter()
+            session.run(None, {INPUT: x})
+            times.append(time.perf_counter() - started)
+        out[str(rows)] = round(float(np.median(times)) * 1000, 3)
+    return out
 
 
 # --- overload ----------------------------------------------------------------------------------
@@ -555,38 +802,45 @@ def _shed_counts(port: int) -> dict[str, float]:
 # --- the model ---------------------------------------------------------------------------------
 
 
-def build_mlp(seed: int = 0) -> bytes:
-    """64 -> 128 (ReLU) -> 10, float32, batch dimension dynamic (as tests/onnx_models.py)."""
+def build_mlp(seed: int = 0, *, hidden: int = N_HIDDEN, layers: int = 1) -> bytes:
+    """64 -> ``hidden`` (ReLU), ``layers`` times -> 10, float32, dynamic batch dimension."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
-    w1 = (rng.standard_normal((N_IN, N_HIDDEN)) / np.sqrt(N_IN)).astype(np.float32)
-    b1 = np.zeros(N_HIDDEN, dtype=np.float32)
-    w2 = (rng.standard_normal((N_HIDDEN, N_OUT)) / np.sqrt(N_HIDDEN)).astype(np.float32)
-    b2 = rng.standard_normal(N_OUT).astype(np.float32) * 0.1
+    nodes, inits = [], []
+    previous, width = INPUT, N_IN
+    for i in range(layers):
+        w = (rng.standard_normal((width, hidden)) / np.sqrt(width)).astype(np.float32)
+        bias = np.zeros(hidden, dtype=np.float32)
+        inits += [
+            numpy_helper.from_array(w, f"W{i + 1}"),
+            numpy_helper.from_array(bias, f"B{i + 1}"),
+        ]
+        nodes += [
+            helper.make_node("MatMul", [previous, f"W{i + 1}"], [f"m{i}"]),
+            helper.make_node("Add", [f"m{i}", f"B{i + 1}"], [f"a{i}"]),
+            helper.make_node("Relu", [f"a{i}"], [f"h{i}"]),
+        ]
+        previous, width = f"h{i}", hidden
+    w_out = (rng.standard_normal((width, N_OUT)) / np.sqrt(width)).astype(np.float32)
+    b_out = rng.standard_normal(N_OUT).astype(np.float32) * 0.1
+    inits += [numpy_helper.from_array(w_out, "WO"), numpy_helper.from_array(b_out, "BO")]
+    nodes += [
+        helper.make_node("MatMul", [previous, "WO"], ["l0"]),
+        helper.make_node("Add", ["l0", "BO"], ["logits"]),
+    ]
     graph = helper.make_graph(
-        [
-            helper.make_node("MatMul", [INPUT, "W1"], ["h0"]),
-            helper.make_node("Add", ["h0", "B1"], ["h1"]),
-            helper.make_node("Relu", ["h1"], ["h"]),
-            helper.make_node("MatMul", ["h", "W2"], ["l0"]),
-            helper.make_node("Add", ["l0", "B2"], ["logits"]),
-        ],
+        nodes,
         "digits_mlp",
         [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["batch", N_IN])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", N_OUT])],
-        initializer=[
-            numpy_helper.from_array(w1, "W1"),
-            numpy_helper.from_array(b1, "B1"),
-            numpy_helper.from_array(w2, "W2"),
-            numpy_helper.from_array(b2, "B2"),
-        ],
+        initializer=inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     onnx.checker.check_model(model)
-    return model.SerializeToString()
+    return bytes(model.SerializeToString())
 
 
 def request_body(row: np.ndarray) -> bytes:
@@ -596,178 +850,7 @@ def request_body(row: np.ndarray) -> bytes:
     return json.dumps(body, separators=(",", ":")).encode()
 
 
-# --- in-process --------------------------------------------------------------------------------
-
-
-def bench_inprocess(
-    session: Any, rows: np.ndarray, expected: np.ndarray, calls: int, threads: int
-) -> dict[str, Any]:
-    singles = [rows[i : i + 1] for i in range(len(rows))]
-    for i in range(200):  # warm-up
-        session.run(None, {INPUT: singles[i % len(singles)]})
-    per_thread = _split(calls, threads)
-    latencies: list[list[float]] = [[] for _ in range(threads)]
-    wrong = [0] * threads
-    barrier = threading.Barrier(threads + 1)
-
-    def worker(t: int) -> None:
-        lat = latencies[t]
-        barrier.wait()
-        offset = t * 7919
-        for i in range(per_thread[t]):
-            k = (offset + i) % len(singles)
-            started = time.perf_counter()
-            out = session.run(None, {INPUT: singles[k]})
-            lat.append(time.perf_counter() - started)
-            if int(np.argmax(out[0][0])) != expected[k]:
-                wrong[t] += 1
-
-    workers = [threading.Thread(target=worker, args=(t,)) for t in range(threads)]
-    for w in workers:
-        w.start()
-    barrier.wait()
-    cpu = time.process_time()
-    started = time.perf_counter()
-    for w in workers:
-        w.join()
-    wall = time.perf_counter() - started
-    cpu = time.process_time() - cpu
-    flat = [x for lat in latencies for x in lat]
-    if sum(wrong):
-        raise AssertionError(f"{sum(wrong)} in-process predictions differ from the batch run")
-    return {
-        "calls": len(flat),
-        "threads": threads,
-        "seconds": round(wall, 4),
-        "rps": round(len(flat) / wall, 1),
-        **latency_summary(flat),
-        "cpu": {"process_s": round(cpu, 3), "us_per_call": round(cpu / len(flat) * 1e6, 2)},
-        "api": "onnxruntime.InferenceSession.run(None, {input: row[1, 64]})",
-    }
-
-
-# --- the replica -------------------------------------------------------------------------------
-
-
-def bench_replica(
-    where: Path,
-    *,
-    blobs_url: str,
-    digest: str,
-    max_batch: int,
-    max_wait: float,
-    bodies: list[bytes],
-    expected: np.ndarray,
-    requests: int,
-    warmup: int,
-    concurrency: int,
-) -> dict[str, Any]:
-    where.mkdir(parents=True)
-    port = free_port()
-    argv = [
-        PYTHON,
-        "-m",
-        "shipyard.serving.replica",
-        "--blobs",
-        blobs_url,
-        "--digest",
-        digest,
-        "--name",
-        MODEL_NAME,
-        "--version",
-        "1",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--max-batch-size",
-        str(max_batch),
-        "--max-wait-ms",
-        str(max_wait),
-        "--log-level",
-        "warning",
-    ]
-    with child(argv, env=child_env(PYTHONUNBUFFERED="1"), log_path=where / "replica.log") as rep:
-        why = wait_http_ok(rep, f"http://127.0.0.1:{port}/v2/health/ready", timeout=60)
-        if why is not None:
-            return {"skipped": f"the replica did not become ready: {why}"}
-        _load(port, bodies, expected, warmup, concurrency)
-        before = scrape_batches(port)
-        replica_cpu = _cpu_seconds(rep.proc.pid)
-        client_cpu = time.process_time()
-        started = time.perf_counter()
-        latencies = _load(port, bodies, expected, requests, concurrency)
-        wall = time.perf_counter() - started
-        client_cpu = time.process_time() - client_cpu
-        replica_cpu = _cpu_seconds(rep.proc.pid) - replica_cpu
-        after = scrape_batches(port)
-        alive = rep.alive()
-    batching = _batch_delta(before, after)
-    return {
-        "requests": len(latencies),
-        "concurrency": concurrency,
-        "seconds": round(wall, 4),
-        "rps": round(len(latencies) / wall, 1),
-        **latency_summary(latencies),
-        "max_batch_size": max_batch,
-        "max_wait_ms": max_wait,
-        "batching": batching,
-        "cpu": {
-            "replica_s": round(replica_cpu, 3),
-            "load_generator_s": round(client_cpu, 3),
-            "replica_us_per_request": round(replica_cpu / len(latencies) * 1e6, 1),
-            "load_generator_us_per_request": round(client_cpu / len(latencies) * 1e6, 1),
-        },
-        "replica_alive_after": alive,
-        "command": " ".join(["python", *argv[1:]]),
-    }
-
-
-def _load(
-    port: int, bodies: list[bytes], expected: np.ndarray, total: int, concurrency: int
-) -> list[float]:
-    """``total`` requests from ``concurrency`` closed-loop clients; returns the latencies."""
-    per_client = _split(total, concurrency)
-    latencies: list[list[float]] = [[] for _ in range(concurrency)]
-    errors: list[str] = []
-    barrier = threading.Barrier(concurrency)
-    path = f"/v2/models/{MODEL_NAME}/infer"
-    headers = {"Content-Type": "application/json"}
-
-    def client(c: int) -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        lat = latencies[c]
-        try:
-            conn.connect()
-            barrier.wait()
-            for i in range(per_client[c]):
-                k = (c * 7919 + i) % len(bodies)
-                started = time.perf_counter()
-                conn.request("POST", path, body=bodies[k], headers=headers)
-                response = conn.getresponse()
-                data = response.read()
-                lat.append(time.perf_counter() - started)
-                if response.status != 200:
-                    errors.append(f"HTTP {response.status}: {data[:200]!r}")
-                    return
-                logits = json.loads(data)["outputs"][0]["data"]
-                if int(np.argmax(logits)) != expected[k]:
-                    errors.append(f"row {k}: wrong class {int(np.argmax(logits))}")
-                    return
-        except Exception as exc:
-            errors.append(f"{type(exc).__name__}: {exc}")
-            barrier.abort()
-        finally:
-            conn.close()
-
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise AssertionError(f"{len(errors)} client(s) failed; first: {errors[0]}")
-    return [x for lat in latencies for x in lat]
+# --- metrics -----------------------------------------------------------------------------------
 
 
 def scrape_batches(port: int) -> dict[str, Any]:
@@ -830,28 +913,6 @@ def _cpu_seconds(pid: int) -> float:
 
     times = psutil.Process(pid).cpu_times()
     return float(times.user + times.system)
-
-
-def _split(total: int, parts: int) -> list[int]:
-    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
-
-
-def _report(name: str, v: dict[str, Any]) -> None:
-    if "skipped" in v:
-        progress(f"  {name}: skipped: {v['skipped']}")
-        return
-    extra = ""
-    if "batching" in v:
-        b = v["batching"]
-        extra = (
-            f", {b['model_calls']} model calls, mean batch {b['mean_batch_size']}, "
-            f"CPU/request: replica {v['cpu']['replica_us_per_request']} us, "
-            f"load generator {v['cpu']['load_generator_us_per_request']} us"
-        )
-    progress(
-        f"  {name}: {v['rps']:,.0f} req/s, p50 {v['p50_ms']:.3f} ms, p99 {v['p99_ms']:.3f} ms"
-        + extra
-    )
 
 
 if __name__ == "__main__":

@@ -347,3 +347,102 @@ def test_the_wait_bound_in_model_calls_follows_the_models_speed() -> None:
     results, limit = asyncio.run(scenario(0.0005))
     assert limit == pytest.approx(0.1)
     assert all(isinstance(r, dict) for r in results), results
+
+
+# --- no thread hop for a fast model (issue 8) -----------------------------------------------
+
+
+def _threads_seen(seconds: float = 0.0) -> tuple[list[int], Callable[..., Arrays]]:
+    """A model that records the thread of each call (and takes ``seconds`` of CPU)."""
+    seen: list[int] = []
+
+    def predict(inputs: Mapping[str, np.ndarray]) -> Arrays:
+        seen.append(threading.get_ident())
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            pass
+        return {"y": np.asarray(inputs["x"]) * 2}
+
+    return seen, predict
+
+
+def test_a_fast_model_runs_on_the_event_loop_after_its_first_measured_call() -> None:
+    seen, predict = _threads_seen()
+
+    async def scenario() -> tuple[int, list[Arrays], bool]:
+        batcher = Batcher(predict, max_wait_ms=50)
+        await batcher.start()
+        try:
+            outputs = [await batcher.submit({"x": _rows(i, 1)}) for i in range(5)]
+            return threading.get_ident(), outputs, batcher.inline
+        finally:
+            await batcher.stop()
+
+    loop_thread, outputs, inline = asyncio.run(scenario())
+    assert inline
+    assert seen[0] != loop_thread, "the first call (not yet measured) must go to the thread"
+    assert seen[1:] == [loop_thread] * 4
+    for i, out in enumerate(outputs):
+        np.testing.assert_array_equal(out["y"], _rows(i, 1) * 2)
+
+
+def test_requests_queued_together_still_share_one_inline_call() -> None:
+    _seen, predict = _threads_seen()
+
+    async def scenario() -> tuple[list[Arrays], Batcher]:
+        batcher = Batcher(predict, max_batch_size=8)
+        await batcher.start()
+        try:
+            await batcher.submit({"x": _rows(0, 1)})  # measured: inline from now on
+            futures = [batcher.enqueue({"x": _rows(i, 1)}) for i in range(6)]  # one tick
+            return list(await asyncio.gather(*futures)), batcher
+        finally:
+            await batcher.stop()
+
+    outputs, batcher = asyncio.run(scenario())
+    assert batcher.batch_sizes == {1: 1, 6: 1}
+    for i, out in enumerate(outputs):
+        np.testing.assert_array_equal(out["y"], _rows(i, 1) * 2)
+
+
+def test_a_slow_model_stays_in_the_thread_and_inline_can_be_turned_off() -> None:
+    async def scenario(seconds: float, inline_below_ms: float) -> tuple[int, list[int]]:
+        seen, predict = _threads_seen(seconds)
+        batcher = Batcher(predict, inline_below_ms=inline_below_ms)
+        await batcher.start()
+        try:
+            for i in range(4):
+                await batcher.submit({"x": _rows(i, 1)})
+            return threading.get_ident(), seen
+        finally:
+            await batcher.stop()
+
+    loop_thread, seen = asyncio.run(scenario(0.002, 0.2))  # 2 ms a call: over 0.2 ms
+    assert loop_thread not in seen
+    loop_thread, seen = asyncio.run(scenario(0.0, 0.0))  # instant, but inline turned off
+    assert loop_thread not in seen
+
+
+def test_cancelling_an_enqueued_request_takes_it_off_the_queue() -> None:
+    entered, release, calls, predict = _gated()
+
+    async def scenario() -> int:
+        batcher = Batcher(predict, max_batch_size=4, max_wait_ms=0)
+        await batcher.start()
+        try:
+            first = batcher.enqueue({"x": _rows(0, 1)})
+            await asyncio.to_thread(entered.wait, 10)
+            second = batcher.enqueue({"x": _rows(1, 1)})
+            assert batcher.queued_rows == 1
+            second.cancel()
+            await asyncio.sleep(0)  # (done callbacks run on the next turn of the loop)
+            assert batcher.queued_rows == 0
+            release.set()
+            await first
+            return batcher.queued_rows
+        finally:
+            release.set()
+            await batcher.stop()
+
+    assert asyncio.run(scenario()) == 0
+    assert calls == [1], "the cancelled request was run"

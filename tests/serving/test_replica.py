@@ -303,7 +303,9 @@ def test_integer_and_boolean_inputs() -> None:
             (payload([1.5, 2, 3], [True] * 3), "'ids': datatype INT64 needs integers"),
             (payload([1, 2, 3], [1, 0, 1]), "'mask': datatype BOOL needs true/false"),
             (payload([1, 2, 3], [True] * 3, ids32=[2**31]), "'ids32': a value is outside"),
-            (payload([1, 2, 2**70], [True] * 3), "'ids': 'data' must contain only numbers"),
+            # orjson reads an integer beyond 64 bits as a float: refused as out of range
+            (payload([1, 2, 2**70], [True] * 3), "'ids': a value is outside the range of INT64"),
+            (payload([1, 2, "3"], [True] * 3), "'ids': 'data' must contain only numbers"),
         ]
         for body, phrase in cases:
             response = client.post("/v2/models/typed/infer", json=body)
@@ -372,3 +374,45 @@ def test_parse_size() -> None:
     assert parse_size("1048576") == 1048576
     with pytest.raises(InvalidInputError, match="not valid"):
         parse_size("lots")
+
+
+# --- the fast path (issue 8) ---------------------------------------------------------------------
+
+
+def test_metrics_carry_the_deployment_label_and_the_process_metrics(model: LinearModel) -> None:
+    app = create_app(name="digits", version=2, model=load_model(model.data), deployment="web")
+    with TestClient(app) as client:
+        assert client.post(INFER, json=_request(_x(1))).status_code == 200
+        response = client.get("/metrics")
+        assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+        labels = {"model": "digits", "version": "2", "deployment": "web"}
+        assert _metric(client, "shipyard_serving_requests_total", code="200", **labels) == 1
+        assert _metric(client, "shipyard_serving_batch_size_count", **labels) == 1
+        assert _metric(client, "shipyard_serving_queued_rows", **labels) == 0
+        families = {f.name for f in text_string_to_metric_families(response.text)}
+        assert {"process_cpu_seconds", "process_resident_memory_bytes"} <= families
+
+
+def test_nan_and_infinity_pass_through_both_ways(client: TestClient, model: LinearModel) -> None:
+    x = _x(1)
+    x[0, :3] = [np.nan, np.inf, -np.inf]
+    body = json.dumps(_request(x), allow_nan=True)  # NaN, Infinity: not strict JSON
+    response = client.post(INFER, content=body.encode())
+    assert response.status_code == 200, response.text
+    assert "NaN" in response.text  # written back as Python's json writes it
+    y = np.asarray(response.json()["outputs"][0]["data"], dtype=np.float32)
+    np.testing.assert_array_equal(y, model.reference(x).ravel())  # NaN == NaN here
+
+
+def test_a_large_body_is_decoded_off_the_event_loop_and_answered(
+    model: LinearModel,
+) -> None:
+    app = create_app(name="digits", version=1, model=load_model(model.data))
+    x = _x(300)  # ~ 400 kB of JSON: decoded in a thread
+    with TestClient(app) as client:
+        response = client.post(INFER, json=_request(x))
+        assert response.status_code == 200, response.text
+        y = np.asarray(response.json()["outputs"][0]["data"], dtype=np.float32).reshape(300, 10)
+        np.testing.assert_allclose(y, model.reference(x), rtol=1e-5, atol=1e-5)
+        bad = client.post(INFER, content=b" " * 70_000 + b"{")
+        assert bad.status_code == 400 and "not valid JSON" in bad.json()["error"]

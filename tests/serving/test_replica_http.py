@@ -1,5 +1,6 @@
-"""The replica app served by a real uvicorn on 127.0.0.1, driven with raw sockets: clients that
-disconnect, upload slowly or stall (issue 5, item 14)."""
+"""The replica app served by its real HTTP server (``_http``) on 127.0.0.1, driven with raw
+sockets: clients that disconnect, upload slowly or stall (issue 5, item 14), pipeline, or send
+what is not HTTP."""
 
 from __future__ import annotations
 
@@ -15,11 +16,11 @@ from dataclasses import dataclass
 import httpx
 import numpy as np
 import pytest
-import uvicorn
-from fastapi import FastAPI
+import uvloop
 from prometheus_client.parser import text_string_to_metric_families
 
-from shipyard.serving.replica import ReplicaState, create_app, main
+from shipyard.serving._http import HttpServer
+from shipyard.serving.replica import ReplicaApp, ReplicaState, create_app, main
 from shipyard.serving.runtime import load_model
 from tests.conftest import wait_for
 from tests.onnx_models import linear_model
@@ -30,7 +31,7 @@ LOGGER = "shipyard.serving.replica"
 
 @dataclass
 class Served:
-    app: FastAPI
+    app: ReplicaApp
     port: int
 
     @property
@@ -56,24 +57,24 @@ class Served:
 
 
 @contextlib.contextmanager
-def serve(**options: object) -> Iterator[Served]:
-    """The replica app for a linear model on a real uvicorn server in a thread."""
+def serve(keep_alive_s: float = 5.0, **options: object) -> Iterator[Served]:
+    """The replica app for a linear model on its real HTTP server (uvloop) in a thread."""
     app = create_app(name="digits", version=1, model=load_model(linear_model().data), **options)  # type: ignore[arg-type]
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(64)
-    config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    port = sock.getsockname()[1]
+    server = HttpServer(app, graceful_s=5, keep_alive_s=keep_alive_s)
+    thread = threading.Thread(target=uvloop.run, args=(server.serve([sock]),), daemon=True)
     thread.start()
     try:
-        wait_for(lambda: server.started, timeout=30, what="uvicorn to start")
-        yield Served(app=app, port=sock.getsockname()[1])
+        wait_for(lambda: server.started, timeout=30, what="the server to start")
+        yield Served(app=app, port=port)
     finally:
-        server.should_exit = True
+        server.stop()
         thread.join(30)
         sock.close()
-        assert not thread.is_alive(), "uvicorn did not stop"
+        assert not thread.is_alive(), "the server did not stop"
 
 
 def _body(rows: int = 1, *, pad_to: int = 0) -> bytes:
@@ -256,3 +257,153 @@ def test_bad_shedding_and_timeout_flags_are_refused(capsys: pytest.CaptureFixtur
     ):
         assert main([*base, *flags]) == 2
         assert phrase in capsys.readouterr().err
+
+
+# --- the HTTP server itself (issue 8) ----------------------------------------------------------
+
+
+class _Reader:
+    """Responses read one after another off one connection (several may come in one recv)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.data = b""
+
+    def _fill(self) -> None:
+        chunk = self.sock.recv(65536)
+        assert chunk, f"connection closed; unread: {self.data!r}"
+        self.data += chunk
+
+    def response(self) -> tuple[int, dict[str, str], bytes]:
+        while b"\r\n\r\n" not in self.data:
+            self._fill()
+        head, _, self.data = self.data.partition(b"\r\n\r\n")
+        status_line, *lines = head.decode("latin-1").split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines)}
+        length = int(headers.get("content-length", "0"))
+        while len(self.data) < length:
+            self._fill()
+        body, self.data = self.data[:length], self.data[length:]
+        return int(status_line.split()[1]), headers, body
+
+
+def _get(path: str) -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+
+
+def test_pipelined_requests_are_answered_in_order_on_one_connection() -> None:
+    with serve() as served, _connect(served.port) as sock:
+        body = _body(2)
+        sock.sendall(
+            _get("/v2/health/live")
+            + _head(served.port, len(body))
+            + body
+            + _get("/v2/models/nope")
+            + _get("/v2")
+        )
+        reader = _Reader(sock)
+        status, headers, answer = reader.response()
+        assert (status, json.loads(answer)) == (200, {"live": True})
+        assert headers["content-type"] == "application/json" and "date" in headers
+        status, _, answer = reader.response()
+        assert status == 200 and json.loads(answer)["outputs"][0]["shape"] == [2, 10]
+        status, _, answer = reader.response()
+        assert status == 404 and "'nope' is not served here" in json.loads(answer)["error"]
+        status, _, answer = reader.response()
+        assert status == 200 and json.loads(answer)["name"] == "shipyard"
+
+
+def test_unknown_paths_and_methods_and_bad_http_are_answered_clearly() -> None:
+    with serve() as served:
+        assert httpx.get(f"{served.url}/v3/nothing").status_code == 404
+        wrong = httpx.get(served.url + PATH)
+        assert wrong.status_code == 405 and wrong.json() == {"error": "Method Not Allowed"}
+        with _connect(served.port) as sock:
+            sock.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+            status, headers, answer = _read_response(sock)
+            assert status == 400 and "invalid HTTP request" in json.loads(answer)["error"]
+            assert headers.get("connection") == "close"
+            assert sock.recv(1024) == b""
+        with _connect(served.port) as sock:  # HTTP/1.0: answered, then closed
+            sock.sendall(b"GET /v2/health/live HTTP/1.0\r\n\r\n")
+            status, headers, _ = _read_response(sock)
+            assert status == 200 and headers.get("connection") == "close"
+            assert sock.recv(1024) == b""
+        assert httpx.get(f"{served.url}/v2/health/ready").status_code == 200
+
+
+def test_expect_100_continue_is_honoured() -> None:
+    with serve() as served, _connect(served.port) as sock:
+        body = _body(1)
+        head = _head(served.port, len(body)).replace(
+            b"\r\n\r\n", b"\r\nExpect: 100-continue\r\n\r\n"
+        )
+        sock.sendall(head)
+        reader = _Reader(sock)
+        while b"\r\n\r\n" not in reader.data:
+            reader._fill()
+        assert reader.data.startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        reader.data = reader.data[len(b"HTTP/1.1 100 Continue\r\n\r\n") :]
+        sock.sendall(body)
+        status, _, _ = reader.response()
+        assert status == 200
+
+
+def test_a_shed_request_is_answered_before_its_body_is_sent() -> None:
+    with serve(max_batch_size=1, max_wait_ms=0, max_queue_rows=1) as served:
+        entered, release, calls = _gate(served.state)
+        body = _body(1)
+        with _connect(served.port) as running, _connect(served.port) as queued:
+            running.sendall(_head(served.port, len(body)) + body)
+            assert entered.wait(20), "the first request never reached the model"
+            queued.sendall(_head(served.port, len(body)) + body)
+            wait_for(lambda: served.state.batcher.queued_rows == 1, what="the second queued")  # type: ignore[union-attr]
+            with _connect(served.port) as shed:
+                shed.sendall(_head(served.port, len(body)))  # the head only: no body yet
+                status, headers, answer = _read_response(shed)
+                assert status == 429 and int(headers["retry-after"]) >= 1
+                assert "--max-queue-rows" in json.loads(answer)["error"]
+                # the connection stays usable: the skipped body, then a request that is served
+                shed.sendall(body + _get("/v2/health/live"))
+                assert _read_response(shed)[0] == 200
+            release.set()
+            assert _read_response(running)[0] == 200
+            assert _read_response(queued)[0] == 200
+        assert calls == [1, 1]
+        assert served.metric("shipyard_serving_shed_requests_total", reason="queue_full") == 1
+        assert served.requests(429) == 1 and served.requests(200) == 2
+
+
+def test_idle_keep_alive_connections_are_closed() -> None:
+    with serve(keep_alive_s=0.3) as served, _connect(served.port) as sock:
+        sock.sendall(_get("/v2/health/live"))
+        assert _read_response(sock)[0] == 200
+        sock.settimeout(10)
+        started = time.perf_counter()
+        assert sock.recv(1024) == b""  # closed by the server, after 0.3-1.3 s idle
+        assert time.perf_counter() - started < 5
+
+
+def test_an_oversized_request_head_gets_431_and_the_server_keeps_serving() -> None:
+    with serve() as served:
+        with _connect(served.port) as sock:
+            sock.sendall(b"GET /v2 HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n")
+            status, headers, answer = _read_response(sock)
+            assert status == 431 and "larger than 65536 bytes" in json.loads(answer)["error"]
+            assert headers.get("connection") == "close"
+        assert httpx.get(f"{served.url}/v2/health/live").status_code == 200
+
+
+def test_a_client_that_does_not_read_its_answers_does_not_grow_the_server_without_bound() -> None:
+    with serve() as served, _connect(served.port) as sock:
+        sock.settimeout(0.5)
+        burst = _get("/v2/health/live") * 2000  # ~ 80 kB of requests, answers never read
+        sent = 0
+        with contextlib.suppress(TimeoutError, BlockingIOError):
+            for _ in range(200):  # the server stops reading once its answers back up
+                sent += sock.send(burst)
+        assert sent < 200 * len(burst), "the server read everything while no answer was read"
+        sock.settimeout(20)
+        reader = _Reader(sock)
+        assert reader.response()[0] == 200  # and it answers once the client reads
+        assert httpx.get(f"{served.url}/v2/health/live").status_code == 200

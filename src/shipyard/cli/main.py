@@ -1140,6 +1140,8 @@ def sim_command(
     columns = "policy load nodes JCT-mean median p99 wait-mean makespan GPU-util max-rho"
     headers = [c.replace("-", " ") for c in columns.split()]
     table = Table(*headers, "queue rho", "starved", "preempt", "wall")
+    # a narrow terminal squeezes the figures, never the policy's name
+    table.columns[0].min_width = max(len(r.policy) for r in results) if results else None
     for r in results:
         m = r.metrics
         table.add_row(

@@ -8,6 +8,17 @@ Runtime releases the GIL, so the event loop keeps accepting requests meanwhile) 
 output back to its request by row offsets. Under light load a request waits at most
 ``max_wait_ms``; under heavy load batches grow on their own while the previous one runs.
 
+A model that is fast (a model call measured under ``inline_below_ms`` on average, 0.2 ms by
+default) is not worth a thread hop: its batches run on the event loop itself. The first call
+always goes to the thread, which measures it. The estimate for this choice is a slowly rising
+minimum of the measured calls (it follows a faster call at once and a slower one by 5% a call),
+so a call stretched by the machine's other load does not move a fast model to the thread, while
+a model (or batch) that really gets slower moves back to it within a few dozen calls. Either way
+a batch is only what is already queued when the loop gets to it (a lone request never waits for
+company), so batching never makes a request slower than running it alone. :meth:`Batcher.enqueue`
+queues a request without a coroutine (its future is the answer), for callers that count
+microseconds.
+
 A batch that fails, or whose outputs do not have one row per input row, is re-run one request at
 a time, so one bad request never fails its neighbours and a model that is not batch-wise is still
 answered correctly.
@@ -44,6 +55,8 @@ BatchObserver = Callable[[int, float], None]  # (rows in the batch, seconds the 
 SHED_QUEUE_FULL = "queue_full"
 SHED_QUEUE_TIME = "queue_time"
 _EWMA = 0.2  # weight of the newest model call in the running estimate of a call's duration
+_INLINE_RISE = 1.05  # how fast the inline estimate follows slower calls (x per call)
+DEFAULT_INLINE_BELOW_MS = 0.2
 # The calls-based bound never goes below this: on a busy machine a fast model's requests wait
 # for the event loop and the GIL more than for the model, and that alone must not shed them.
 QUEUE_FLOOR_S = 0.1
@@ -98,6 +111,7 @@ class Batcher:
         max_queue_rows: int | None = None,
         max_queue_ms: float | None = None,
         max_queue_calls: float | None = None,
+        inline_below_ms: float = DEFAULT_INLINE_BELOW_MS,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
@@ -127,6 +141,8 @@ class Batcher:
         self._queued_rows = 0  # rows submitted and not yet taken into a batch (or dropped)
         self._call_seconds: float | None = None  # running estimate of one model call
         self._call_started: float | None = None  # monotonic start of the call in progress
+        self.inline_below = inline_below_ms / 1000.0
+        self._inline_seconds: float | None = None  # slowly rising minimum of the call times
 
     @contextlib.contextmanager
     def arriving(self) -> Iterator[None]:
@@ -194,6 +210,12 @@ class Batcher:
                     retry_after=self._drain_seconds(),
                 )
 
+    @property
+    def inline(self) -> bool:
+        """Whether model calls run on the event loop (measured fast), not in the thread."""
+        per_call = self._inline_seconds
+        return per_call is not None and per_call < self.inline_below
+
     async def start(self) -> None:
         if self.running:
             return
@@ -223,6 +245,12 @@ class Batcher:
 
     async def submit(self, inputs: Mapping[str, np.ndarray]) -> Arrays:
         """Queue one request and wait for its outputs (dict of output name -> array)."""
+        return await self.enqueue(inputs)
+
+    def enqueue(self, inputs: Mapping[str, np.ndarray]) -> asyncio.Future[Arrays]:
+        """Queue one request; its outputs arrive in the returned future. Cancelling the future
+        takes the request off the queue (it is not run). Raises :class:`OverloadedError` when
+        the request is shed, InvalidStateError when the batcher is not running."""
         if not self.running or self._queue is None:
             raise InvalidStateError("the batcher is not running")
         rows, key = _batch_key(inputs)
@@ -233,7 +261,7 @@ class Batcher:
         # A caller that goes away (cancelled) frees its place in the queue at once.
         future.add_done_callback(lambda f: self._release(item) if f.cancelled() else None)
         self._queue.put_nowait(item)
-        return await future
+        return future
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -319,7 +347,6 @@ class Batcher:
     async def _run_group(self, group: list[_Pending]) -> None:
         if not group:
             return
-        loop = asyncio.get_running_loop()
         if len(group) == 1 or group[0].key is None:
             for item in group:
                 await self._run_one(item)
@@ -330,7 +357,7 @@ class Batcher:
         }
         total = sum(item.rows for item in group)
         try:
-            outputs = await loop.run_in_executor(self._executor, self._timed, merged, total)
+            outputs = await self._call(merged, total)
         except Exception:
             for item in group:  # isolate the failing request(s)
                 await self._run_one(item)
@@ -348,17 +375,21 @@ class Batcher:
     async def _run_one(self, item: _Pending) -> None:
         if item.future.done():
             return
-        loop = asyncio.get_running_loop()
         try:
-            outputs = await loop.run_in_executor(
-                self._executor, self._timed, item.inputs, item.rows
-            )
+            outputs = await self._call(item.inputs, item.rows)
         except Exception as exc:
             if not item.future.done():
                 item.future.set_exception(exc)
             return
         if not item.future.done():
             item.future.set_result(outputs)
+
+    async def _call(self, inputs: Mapping[str, np.ndarray], rows: int) -> Arrays:
+        """One model call: on the event loop when the model is fast, else in the thread."""
+        if self.inline:
+            return self._timed(inputs, rows)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._timed, inputs, rows)
 
     def _timed(self, inputs: Mapping[str, np.ndarray], rows: int) -> Arrays:
         started = time.perf_counter()
@@ -372,6 +403,8 @@ class Batcher:
             self._call_seconds = (
                 elapsed if previous is None else (1 - _EWMA) * previous + _EWMA * elapsed
             )
+            low = self._inline_seconds
+            self._inline_seconds = elapsed if low is None else min(elapsed, low * _INLINE_RISE)
         self.batch_sizes[rows] += 1
         if self.on_batch is not None:
             self.on_batch(rows, elapsed)

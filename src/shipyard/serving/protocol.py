@@ -9,6 +9,14 @@ flat (row-major, as the protocol specifies) or nested lists of the declared shap
 :func:`parse_json` reads the raw body. It refuses JSON nested deeper than
 :data:`MAX_JSON_DEPTH` arrays/objects *before* parsing (a body of 60 KB of ``[`` would otherwise
 exhaust the recursion limit of the JSON decoder and of everything that walks the result).
+Bodies are parsed with orjson; one that orjson refuses is read again with the standard
+library's decoder, which also accepts ``NaN``/``Infinity`` and lone surrogates, and whose error
+message is the one reported. orjson reads an integer beyond 64 bits as a float, so such a value
+is refused as out of range for an integer input.
+
+:func:`encode_response` writes the response body with orjson straight from the numpy outputs;
+one holding NaN or infinity is written with the standard library (``NaN``, ``Infinity``), which
+Python and most clients read back.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import orjson
 
 from shipyard.errors import InvalidInputError
 from shipyard.serving.runtime import NUMPY_DTYPES, OIP_DATATYPES, TensorSpec
@@ -57,6 +66,10 @@ def parse_json(body: bytes, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
             f"{max_depth} are accepted (send tensor data flat, row-major, with its 'shape')",
             field="body",
         )
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        pass  # NaN, Infinity, a lone surrogate, or not JSON: let the standard decoder decide
     try:
         return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -158,6 +171,45 @@ def encode_output(name: str, array: np.ndarray, *, datatype: str | None = None) 
     else:
         data = array.ravel().tolist()
     return {"name": name, "shape": list(array.shape), "datatype": oip, "data": data}
+
+
+def encode_response(
+    *,
+    model_name: str,
+    model_version: str,
+    request_id: str,
+    outputs: dict[str, np.ndarray],
+    names: Sequence[str],
+    datatypes: dict[str, str],
+) -> bytes:
+    """The OIP response body (JSON bytes) for the outputs ``names``, in that order."""
+    tensors = []
+    finite = True
+    for name in names:
+        array = np.asarray(outputs[name])
+        if array.dtype.kind in "OSU":
+            tensors.append(encode_output(name, array, datatype=datatypes.get(name)))
+            continue
+        if array.dtype.kind in "fc" and not np.isfinite(array).all():
+            finite = False
+        oip = _OIP_BY_DTYPE.get(array.dtype) or datatypes.get(name) or "BYTES"
+        flat = np.ascontiguousarray(array).ravel()
+        tensors.append({"name": name, "shape": list(array.shape), "datatype": oip, "data": flat})
+    content = {
+        "model_name": model_name,
+        "model_version": model_version,
+        "id": request_id,
+        "outputs": tensors,
+    }
+    if finite:
+        try:
+            return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+        except orjson.JSONEncodeError:
+            pass  # a dtype orjson cannot write: the standard library below
+    for tensor in tensors:
+        if isinstance(tensor["data"], np.ndarray):
+            tensor["data"] = tensor["data"].tolist()
+    return json.dumps(content, allow_nan=True, separators=(",", ":")).encode()
 
 
 # --- helpers ------------------------------------------------------------------------------------
