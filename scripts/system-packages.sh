@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The Debian packages the test suite needs beyond Python: PostgreSQL's server binaries (the store
-# tests start a throwaway PostgreSQL of their own) and chromium (the web page's browser tests).
+# tests start a throwaway PostgreSQL of their own), chromium (the web page's browser tests) and
+# prometheus (promtool checks the shipped alert rules; the monitoring tests run a Prometheus).
 # Installs what is missing when it can (root, or passwordless sudo, and apt-get); otherwise says
 # exactly which tests will skip and why, and how to install them. Never fails the caller: the
 # tests that need a missing package skip with the same reason.
@@ -17,14 +18,17 @@ have_postgres() {
     command -v initdb >/dev/null && command -v pg_ctl >/dev/null && command -v postgres >/dev/null
 }
 have_chromium() { [[ -x $root/usr/bin/chromium ]]; }
+have_prometheus() { [[ -x $root/usr/bin/promtool && -x $root/usr/bin/prometheus ]]; }
 
 missing=()
 have_postgres || missing+=(postgresql)
 have_chromium || missing+=(chromium)
+have_prometheus || missing+=(prometheus)
 [[ ${#missing[@]} -eq 0 ]] && exit 0
 
-declare -A what=([postgresql]="the PostgreSQL store tests" [chromium]="the browser tests of the web page")
-declare -A pkgs=([postgresql]="postgresql" [chromium]="chromium fonts-liberation")
+declare -A what=([postgresql]="the PostgreSQL store tests" [chromium]="the browser tests of the web page"
+                 [prometheus]="the checks of the Prometheus rules and service discovery")
+declare -A pkgs=([postgresql]="postgresql" [chromium]="chromium fonts-liberation" [prometheus]="prometheus")
 
 skip() {  # $1: why nothing can be installed
     local name
@@ -42,8 +46,9 @@ if [[ $(id -u) -ne 0 ]]; then
 fi
 command -v apt-get >/dev/null || skip "there is no apt-get on this machine"
 
-# Do not start the distribution's own PostgreSQL server during the install (the tests start
-# their own): a policy that forbids starting services, removed when the install ends.
+# Do not start the distribution's own PostgreSQL or Prometheus server during the install (the
+# tests start their own; --no-install-recommends also leaves out prometheus-node-exporter): a
+# policy that forbids starting services, removed when the install ends.
 policy=/usr/sbin/policy-rc.d
 if [[ ! -e $policy ]]; then
     printf '#!/bin/sh\nexit 101\n' | "${sudo[@]}" tee "$policy" >/dev/null

@@ -41,8 +41,12 @@ COMMANDS = [
     ["models", "show"],
     ["models", "alias"],
     ["deploy"],
+    ["deployments", "list"],
+    ["deployments", "show"],
+    ["deployments", "scale"],
+    ["deployments", "update"],
+    ["deployments", "stop"],
     ["endpoints", "list"],
-    ["endpoints", "stop"],
     ["predict"],
     ["token", "create"],
     ["gc"],
@@ -183,7 +187,7 @@ def test_models_deploy_predict_and_stop(home: Path, tmp_path: Path) -> None:
 
     deployed = shipyard(home, "deploy", "lin@production", "--name", "lin")
     assert deployed.returncode == 0, deployed.stderr
-    assert "endpoint lin running" in deployed.stdout
+    assert "deployment lin running" in deployed.stdout
     try:
         rows = [[1.0, 2.0, 3.0, 4.0], [0.0, -1.0, 0.5, 2.0]]
         out = shipyard(home, "predict", "lin", "--data", json.dumps(rows))
@@ -193,14 +197,19 @@ def test_models_deploy_predict_and_stop(home: Path, tmp_path: Path) -> None:
         np.testing.assert_allclose(
             got, np.array(rows, dtype=np.float32) @ model.weights + model.bias, rtol=1e-5
         )
+        assert answer["model_version"] == "1" and answer["shipyard"]["model_version"] == "1"
         bad = shipyard(home, "predict", "lin", "--data", "[[1, 2]]")
         assert bad.returncode == 1 and "400" in bad.stderr
-        listed = shipyard(home, "endpoints", "list")
+        listed = shipyard(home, "deployments", "list")
         assert "lin" in listed.stdout and "running" in listed.stdout
+        shown = shipyard(home, "deployments", "show", "lin")
+        assert "ready" in shown.stdout and "production=100" in shown.stdout
+        old_name = shipyard(home, "endpoints", "list")  # the deprecated alias still answers
+        assert old_name.returncode == 0 and "lin" in old_name.stdout
     finally:
-        stopped = shipyard(home, "endpoints", "stop", "lin")
+        stopped = shipyard(home, "deployments", "stop", "lin")
     assert stopped.returncode == 0 and "stopped" in stopped.stdout
-    again = shipyard(home, "endpoints", "stop", "lin")
+    again = shipyard(home, "deployments", "stop", "lin")
     assert again.returncode == 1 and "stopped" in again.stderr
 
 

@@ -68,7 +68,7 @@ def test_a_full_disk_is_one_error_line_and_reads_still_work(tmp_path: Path) -> N
             ["runs", "list"],
             ["models", "list"],
             ["jobs", "list"],
-            ["endpoints", "list"],
+            ["deployments", "list"],
         ):
             out = shipyard(home, *args)
             assert out.returncode == 0, (args, out.stderr)

@@ -55,15 +55,15 @@ def test_a_store_that_does_not_answer_is_reported_not_raised(ctx: Context, tmp_p
     assert not any(name == "shipyard_jobs" for name, _ in samples)
 
 
-def test_requests_are_counted_by_method_route_and_status() -> None:
+def test_requests_are_counted_by_method_route_and_code() -> None:
     metrics = ServerMetrics()
-    metrics.observe(method="GET", route="/api/v1/runs/{run_id}", status=200, seconds=0.01)
-    metrics.observe(method="GET", route="/api/v1/runs/{run_id}", status=200, seconds=0.02)
-    metrics.observe(method="GET", route="/api/v1/runs/{run_id}", status=404, seconds=0.01)
+    metrics.observe(method="GET", route="/api/v1/runs/{run_id}", code=200, seconds=0.01)
+    metrics.observe(method="GET", route="/api/v1/runs/{run_id}", code=200, seconds=0.02)
+    metrics.observe(method="GET", route="/api/v1/runs/{run_id}", code=404, seconds=0.01)
     samples = _samples(metrics)
-    ok = (("method", "GET"), ("route", "/api/v1/runs/{run_id}"), ("status", "200"))
-    assert samples[("shipyard_http_requests_total", ok)] == 2
-    assert samples[("shipyard_http_requests_total", (*ok[:2], ("status", "404")))] == 1
+    route = (("method", "GET"), ("route", "/api/v1/runs/{run_id}"))
+    assert samples[("shipyard_http_requests_total", (("code", "200"), *route))] == 2
+    assert samples[("shipyard_http_requests_total", (("code", "404"), *route))] == 1
     count = (
         "shipyard_http_request_duration_seconds_count",
         (("method", "GET"), ("route", "/api/v1/runs/{run_id}")),
@@ -76,3 +76,14 @@ def test_requests_are_counted_by_method_route_and_status() -> None:
 
 def test_route_template_never_uses_the_raw_path() -> None:
     assert route_template({"type": "http", "path": "/api/v1/runs/abc"}) == UNMATCHED_ROUTE
+
+
+def test_the_process_itself_is_exported() -> None:
+    """CPU, memory and file descriptors of the server process, as prometheus_client's default
+    registry would have them (each app's registry is its own, so they are added to it)."""
+    samples = _samples(ServerMetrics())
+    for name in ("process_cpu_seconds_total", "process_resident_memory_bytes",
+                 "process_open_fds", "process_start_time_seconds"):  # fmt: skip
+        assert samples[(name, ())] > 0, name
+    assert any(name == "python_info" for name, _ in samples)
+    assert any(name == "python_gc_collections_total" for name, _ in samples)

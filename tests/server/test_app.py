@@ -128,10 +128,10 @@ def test_metrics_endpoint_counts_requests_and_shows_job_states(client: TestClien
     text = response.text
     runs = "/api/v1/projects/{project}/runs"
     total = "shipyard_http_requests_total"
-    assert f'{total}{{method="POST",route="{runs}",status="201"}} 1.0' in text
-    assert f'{total}{{method="GET",route="{runs}/{{run_id}}",status="200"}} 1.0' in text
-    assert f'{total}{{method="GET",route="{runs}/{{run_id}}",status="404"}} 1.0' in text
-    assert 'route="<unmatched>",status="400"' in text
+    assert f'{total}{{code="201",method="POST",route="{runs}"}} 1.0' in text
+    assert f'{total}{{code="200",method="GET",route="{runs}/{{run_id}}"}} 1.0' in text
+    assert f'{total}{{code="404",method="GET",route="{runs}/{{run_id}}"}} 1.0' in text
+    assert 'code="400",method="GET",route="<unmatched>"' in text
     assert run_id not in text  # ids never become labels
     assert 'shipyard_jobs{state="queued"} 0.0' in text
     assert 'shipyard_runs{status="running"} 1.0' in text

@@ -160,7 +160,8 @@ def test_lifecycle_over_a_real_socket(server_and_token: tuple[LiveServer, str, P
         for name in ("pixels", "train", "clf", "production → v2", "user:admin"):
             assert name in page, name
         metrics = http.get("/metrics").text
-        assert 'route="/api/v1/projects/{project}/runs/{run_id}/log-batch",status="200"' in metrics
+        log_batch = "/api/v1/projects/{project}/runs/{run_id}/log-batch"
+        assert f'code="200",method="POST",route="{log_batch}"' in metrics
         assert 'shipyard_jobs{state="running"}' in metrics
         assert "shipyard_models 1.0" in metrics
 

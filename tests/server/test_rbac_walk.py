@@ -175,6 +175,8 @@ def _body(method: str, path: str, project: str, world: Fixture) -> dict[str, Any
         ("PUT", "/models/{name}/aliases/{alias}"): {"version": 1},
         ("POST", "/jobs"): {"spec": {"command": ["true"], "resources": {"gpus": 1024}}},
         ("POST", "/deployments"): {"name": "walk", "model": "nope"},
+        ("PATCH", "/deployments/{name}"): {"replicas": {"min": 1, "max": 1}},
+        ("POST", "/deployments/{name}/scale"): {"min": 1},
         ("PUT", "/members/{principal}"): {"role": "viewer"},
         ("POST", API + "/projects"): {"name": "gamma"},
         ("POST", API + "/users"): {"name": "newcomer"},
@@ -226,6 +228,8 @@ UNSCOPED: dict[tuple[str, str], dict[str, int]] = {
     ("GET", "/api/v1/queues/{name}"): {**dict.fromkeys(ROLES, 200), "outsider": 404},
     ("PUT", "/api/v1/queues/{name}"): dict.fromkeys(ROLES, 403),
     ("DELETE", "/api/v1/queues/{name}"): dict.fromkeys(ROLES, 403),
+    # Prometheus service discovery: the server, and the replicas of the projects one may view
+    ("GET", "/api/v1/prometheus/targets"): dict.fromkeys(ROLES, 200),
 }
 
 

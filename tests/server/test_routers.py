@@ -20,6 +20,7 @@ from shipyard.compute.processes import process_alive
 from shipyard.context import Context
 from shipyard.domain.models import Job, JobSpec
 from shipyard.errors import InvalidStateError
+from shipyard.serving import reconciler
 from shipyard.store.tables import JobRow
 from tests.conftest import wait_for
 from tests.job_user import job_python
@@ -395,11 +396,19 @@ def test_deployments(client: TestClient) -> None:
     _ok(client.put(f"{PD}/models/m/aliases/production", json={"version": 1}))
     deployment = _ok(client.post(f"{PD}/deployments", json={"name": "ep", "model": "m"}), 201)
     try:
-        assert deployment["status"] == "running", deployment
+        # a write records the desired state and returns at once; the reconciler (a server's
+        # background loop, off in this app) starts it
+        assert deployment["status"] == "starting", deployment
+        settled = reconciler.settle(client.app.state.ctx, project="default", name="ep", timeout=60)
+        assert settled.status.value == "running", settled.message
+        deployment = _ok(client.get(f"{PD}/deployments/ep"))
         assert deployment["version"] == 1 and deployment["alias"] == "production"
         x = np.ones((1, 4), dtype=np.float32)
-        answer = httpx.post(
-            f"{deployment['url']}/v2/models/ep/infer",
+        # the deployment's URL is the server's front door (the gateway), not a replica's
+        server_url = client.app.state.ctx.settings.server_url
+        assert deployment["url"] == server_url.rstrip("/"), deployment
+        answer = client.post(
+            "/v2/models/ep/infer",
             json={
                 "inputs": [
                     {
@@ -410,9 +419,9 @@ def test_deployments(client: TestClient) -> None:
                     }
                 ]
             },
-            timeout=30,
         )
         assert answer.status_code == 200, answer.text
+        assert answer.headers["x-shipyard-model-version"] == "1"
         got = np.array(answer.json()["outputs"][0]["data"], dtype=np.float32)
         np.testing.assert_allclose(got, (x @ w + b).ravel(), rtol=1e-5)
         assert [d["name"] for d in _ok(client.get(f"{PD}/deployments"))] == ["ep"]

@@ -1,9 +1,12 @@
-"""Deployments through the service: real registry, real SQLite, real replica processes."""
+"""Deployments through the service: real registry, real SQLite, real replica processes.
+
+``deploy`` records desired state and returns at once; ``reconciler.settle`` runs the passes an
+embedded home runs inline (a server runs them in the background).
+"""
 
 from __future__ import annotations
 
-import os
-import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +16,13 @@ import psutil
 import pytest
 
 from shipyard.context import Context
-from shipyard.domain.models import Deployment, DeploymentStatus
+from shipyard.domain.models import (
+    DeploymentSpec,
+    DeploymentStatus,
+    DeploymentTarget,
+    ReplicaBounds,
+    ReplicaState,
+)
 from shipyard.errors import (
     BackendError,
     ConflictError,
@@ -22,32 +31,36 @@ from shipyard.errors import (
     NotFoundError,
 )
 from shipyard.security.audit import list_events, verify_chain
-from shipyard.serving import launcher
+from shipyard.serving import launcher, reconciler
 from shipyard.serving.deployments import (
     deploy,
     get_deployment,
     list_deployments,
     start_replica,
     stop_deployment,
+    update_deployment,
 )
 from shipyard.store.queries import edges_of
 from shipyard.tracking.registry import register_version, set_alias
-from tests.conftest import wait_for
 from tests.onnx_models import LinearModel, linear_model
 
 PROJECT = "vision"
 
 
-@pytest.fixture(autouse=True)
-def no_stray_replicas() -> Iterator[None]:
-    """Whatever a test leaves running (a failed assertion before stop) is killed afterwards."""
-    yield
+def stop_stray_replicas() -> None:
     for child in psutil.Process().children(recursive=True):
         try:
             if "shipyard.serving.replica" in " ".join(child.cmdline()):
                 launcher.stop_process_group(child.pid, child.create_time(), grace=2)
         except psutil.NoSuchProcess:
             pass
+
+
+@pytest.fixture(autouse=True)
+def no_stray_replicas() -> Iterator[None]:
+    """Whatever a test leaves running (a failed assertion before stop) is killed afterwards."""
+    yield
+    stop_stray_replicas()
 
 
 @pytest.fixture
@@ -60,7 +73,7 @@ def model(ctx: Context) -> LinearModel:
     return linear
 
 
-def _infer(url: str, name: str, x: np.ndarray) -> np.ndarray:
+def infer(url: str, name: str, x: np.ndarray) -> np.ndarray:
     payload = {"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32",
                            "data": x.ravel().tolist()}]}  # fmt: skip
     response = httpx.post(f"{url}/v2/models/{name}/infer", json=payload, timeout=10)
@@ -69,41 +82,52 @@ def _infer(url: str, name: str, x: np.ndarray) -> np.ndarray:
     return np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
 
 
-def test_deploy_serve_and_stop(ctx: Context, model: LinearModel) -> None:
-    deployment = deploy(ctx, project=PROJECT, name="web", model="digits", max_wait_ms=2)
-    assert deployment.status is DeploymentStatus.RUNNING
+def test_deploy_returns_at_once_and_the_reconciler_makes_it_serve(
+    ctx: Context, model: LinearModel
+) -> None:
+    began = time.monotonic()
+    created = deploy(ctx, project=PROJECT, name="web", model="digits", max_wait_ms=2)
+    assert time.monotonic() - began < 1.0  # nothing was started or waited for
+    assert created.status is DeploymentStatus.STARTING and created.url is None
+    assert created.spec.targets == [DeploymentTarget(alias="production")]
+    assert created.spec.batching.wait_ms == 2
+    assert created.created_by == "tester"
+
+    deployment = reconciler.settle(ctx, project=PROJECT, name="web", timeout=60)
+    assert deployment.status is DeploymentStatus.RUNNING, deployment.message
     assert deployment.model == "digits" and deployment.version == 1
     assert deployment.alias == "production"
+    assert [(t.version, t.weight, t.alias) for t in deployment.targets] == [(1, 100, "production")]
+    [replica] = deployment.replicas
+    assert replica.state is ReplicaState.READY and replica.restarts == 0
+    assert deployment.url == replica.url and deployment.pid == replica.pid
     assert deployment.url is not None and deployment.url.startswith("http://127.0.0.1:")
-    assert deployment.pid is not None and psutil.pid_exists(deployment.pid)
-    assert deployment.created_by == "tester"
 
     x = np.random.default_rng(2).standard_normal((4, 64)).astype(np.float32)
-    np.testing.assert_array_equal(_infer(deployment.url, "web", x), model.reference(x))
-    meta = httpx.get(f"{deployment.url}/v2/models/web").json()
-    assert meta["versions"] == ["1"]
-
+    np.testing.assert_array_equal(infer(deployment.url, "web", x), model.reference(x))
     assert get_deployment(ctx, project=PROJECT, name="web") == deployment
     assert list_deployments(ctx, project=PROJECT) == [deployment]
+    # a pass over a settled deployment changes nothing
+    again = reconciler.reconcile_once(ctx)
+    assert not (again.started or again.failed or again.stopped or again.switched)
 
-    # a second deploy of a running name is refused, and changes nothing
-    with pytest.raises(ConflictError, match=r"already running .* stop it first") as info:
+    with pytest.raises(ConflictError, match=r"already exists .* update") as info:
         deploy(ctx, project=PROJECT, name="web", model="digits")
     assert info.value.field == "name"
-    assert get_deployment(ctx, project=PROJECT, name="web") == deployment
 
-    log = ctx.settings.deployments_dir / PROJECT / "web" / "replica.log"
+    log = ctx.settings.deployments_dir / PROJECT / "web" / f"replica-{replica.id}.log"
     assert "loaded 'web' version 1" in log.read_text()
 
     stopped = stop_deployment(ctx, project=PROJECT, name="web")
     assert stopped.status is DeploymentStatus.STOPPED
     assert stopped.url is None and stopped.pid is None
-    assert not launcher.is_alive(deployment.pid, None)
-    assert not psutil.pid_exists(deployment.pid)
-    with pytest.raises(httpx.TransportError):
-        httpx.get(f"{deployment.url}/v2/health/live", timeout=2)
+    assert [r.state for r in stopped.replicas] == [ReplicaState.STOPPED]
+    assert not psutil.pid_exists(replica.pid or 0)
     with pytest.raises(InvalidStateError, match="already stopped"):
         stop_deployment(ctx, project=PROJECT, name="web")
+    with pytest.raises(InvalidStateError, match="is stopped"):
+        update_deployment(ctx, project=PROJECT, name="web", replicas=ReplicaBounds(min=2, max=2))
+    assert not reconciler.reconcile_once(ctx).started  # a stopped deployment stays stopped
 
     with ctx.db.read() as s:
         actions = [(e.action, e.resource) for e in list_events(s, limit=1000)]
@@ -113,41 +137,14 @@ def test_deploy_serve_and_stop(ctx: Context, model: LinearModel) -> None:
         edges = edges_of(s, kind="deployment", id=deployment.id)
         assert [(e.source_kind, e.relation) for e in edges] == [("model_version", "serves")]
 
-
-def test_redeploy_by_version_number_after_stop(ctx: Context, model: LinearModel) -> None:
-    first = deploy(ctx, project=PROJECT, name="web", model="digits")
-    stop_deployment(ctx, project=PROJECT, name="web")
+    # the name can be deployed again, by version number this time
     second = deploy(ctx, project=PROJECT, name="web", model="digits", ref="1")
-    try:
-        assert second.id == first.id  # the same deployment, started again
-        assert second.status is DeploymentStatus.RUNNING and second.alias is None
-        assert second.pid != first.pid
-        x = np.ones((1, 64), dtype=np.float32)
-        assert second.url is not None
-        np.testing.assert_array_equal(_infer(second.url, "web", x), model.reference(x))
-    finally:
-        stop_deployment(ctx, project=PROJECT, name="web")
-
-
-def test_a_replica_that_dies_is_reported_failed_and_can_be_replaced(
-    ctx: Context, model: LinearModel
-) -> None:
-    deployment = deploy(ctx, project=PROJECT, name="web", model="digits")
-    assert deployment.pid is not None
-    os.killpg(deployment.pid, signal.SIGKILL)
-
-    def reported_failed() -> Deployment | None:
-        current = get_deployment(ctx, project=PROJECT, name="web")
-        return current if current.status is DeploymentStatus.FAILED else None
-
-    failed = wait_for(reported_failed, what="the deployment to show FAILED")
-    assert "replica exited" in failed.message and failed.url is None
-    again = deploy(ctx, project=PROJECT, name="web", model="digits")
-    assert again.status is DeploymentStatus.RUNNING
+    assert second.id == deployment.id and second.replicas == []
+    assert second.spec.targets == [DeploymentTarget(version=1)]
     stop_deployment(ctx, project=PROJECT, name="web")
 
 
-def test_a_replica_that_cannot_load_fails_the_deployment_with_its_log(
+def test_a_version_that_cannot_load_fails_the_deployment_with_its_log(
     ctx: Context, model: LinearModel
 ) -> None:
     digest = ctx.blobs.put_bytes(linear_model(seed=12).data).digest
@@ -155,18 +152,62 @@ def test_a_replica_that_cannot_load_fails_the_deployment_with_its_log(
     blob = Path(ctx.blobs.root, digest[:2], digest[2:4], digest)
     blob.write_bytes(blob.read_bytes()[:100])  # corrupt it after registration
 
-    with pytest.raises(BackendError) as info:
-        deploy(ctx, project=PROJECT, name="broken", model="digits", ref="2")
-    message = info.value.message
-    assert "exited with status 1 before it was ready" in message
-    assert "is corrupted" in message  # the tail of the replica's log
-    assert "replica.log" in message
-    failed = get_deployment(ctx, project=PROJECT, name="broken")
-    assert failed.status is DeploymentStatus.FAILED and "is corrupted" in failed.message
+    deploy(ctx, project=PROJECT, name="broken", model="digits", ref="2")
+    failed = reconciler.settle(ctx, project=PROJECT, name="broken", timeout=60)
+    assert failed.status is DeploymentStatus.FAILED, failed.message
+    assert "exited" in failed.message  # with its status when this process reaped it
+    assert "is corrupted" in failed.message  # the tail of the replica's log
+    assert "replica-" in failed.message and ".log" in failed.message
+    assert failed.rollout is not None and failed.rollout.error is not None
     assert failed.pid is None and failed.url is None
+    # it is not restarted in a loop: the rollout stopped
+    reconciler.reconcile_once(ctx)
+    assert get_deployment(ctx, project=PROJECT, name="broken").replicas == []
 
 
-def test_bad_inputs_are_refused_before_anything_is_recorded(
+@pytest.mark.parametrize(
+    ("spec", "field", "match"),
+    [
+        (
+            DeploymentSpec(targets=[DeploymentTarget(version=1, weight=60)]),
+            "targets",
+            r"sum to 100, and 60 = 60",
+        ),
+        (
+            DeploymentSpec(
+                targets=[
+                    DeploymentTarget(version=1, weight=50),
+                    DeploymentTarget(alias="production", weight=30),
+                ]
+            ),
+            "targets",
+            r"50 \+ 30 = 80",
+        ),
+        (
+            DeploymentSpec(targets=[DeploymentTarget(version=1, alias="production")]),
+            "targets[0]",
+            "exactly one of version",
+        ),
+        (
+            DeploymentSpec(targets=[DeploymentTarget(version=1, shadow=True)]),
+            "targets",
+            "not a shadow",
+        ),
+        (DeploymentSpec(replicas=ReplicaBounds(min=3, max=2)), "replicas.max", "between"),
+        (DeploymentSpec(replicas=ReplicaBounds(min=0, max=2)), "replicas.min", "between"),
+        (DeploymentSpec(targets=[]), "targets", "1 to 8 targets"),
+    ],
+)
+def test_bad_specs_are_refused_naming_the_field(
+    ctx: Context, model: LinearModel, spec: DeploymentSpec, field: str, match: str
+) -> None:
+    with pytest.raises(InvalidInputError, match=match) as info:
+        deploy(ctx, project=PROJECT, name="web", model="digits", spec=spec)
+    assert info.value.field == field
+    assert list_deployments(ctx, project=PROJECT) == []
+
+
+def test_unknown_names_are_refused_before_anything_is_recorded(
     ctx: Context, model: LinearModel
 ) -> None:
     with pytest.raises(InvalidInputError) as info:
@@ -175,8 +216,15 @@ def test_bad_inputs_are_refused_before_anything_is_recorded(
     with pytest.raises(InvalidInputError) as info:
         deploy(ctx, project=PROJECT, name="web", model="digits", max_batch_size=0)
     assert info.value.field == "max_batch_size"
-    with pytest.raises(NotFoundError, match="no alias 'staging'"):
+    with pytest.raises(NotFoundError, match="no alias 'staging'") as info:
         deploy(ctx, project=PROJECT, name="web", model="digits", ref="staging")
+    assert info.value.field == "targets[0]"
+    canary = DeploymentSpec(
+        targets=[DeploymentTarget(version=1, weight=90), DeploymentTarget(version=7, weight=10)]
+    )
+    with pytest.raises(NotFoundError) as info:
+        deploy(ctx, project=PROJECT, name="web", model="digits", spec=canary)
+    assert info.value.field == "targets[1]"
     with pytest.raises(NotFoundError):
         deploy(ctx, project=PROJECT, name="web", model="faces")
     with pytest.raises(NotFoundError, match="deployment 'web' does not exist"):
@@ -188,6 +236,20 @@ def test_bad_inputs_are_refused_before_anything_is_recorded(
         assert not [e for e in list_events(s, limit=1000) if e.action.startswith("deployment.")]
 
 
+def test_an_update_with_bad_targets_changes_nothing(ctx: Context, model: LinearModel) -> None:
+    before = deploy(ctx, project=PROJECT, name="web", model="digits")
+    with pytest.raises(InvalidInputError, match="sum to 100"):
+        update_deployment(
+            ctx, project=PROJECT, name="web", targets=[DeploymentTarget(version=1, weight=99)]
+        )
+    with pytest.raises(NotFoundError, match="no alias 'gone'"):
+        update_deployment(
+            ctx, project=PROJECT, name="web", targets=[DeploymentTarget(alias="gone")]
+        )
+    assert get_deployment(ctx, project=PROJECT, name="web").spec == before.spec
+    stop_deployment(ctx, project=PROJECT, name="web")
+
+
 def test_start_replica_directly_from_a_blob(ctx: Context) -> None:
     linear = linear_model(seed=13)
     digest = ctx.blobs.put_bytes(linear.data).digest
@@ -195,7 +257,7 @@ def test_start_replica_directly_from_a_blob(ctx: Context) -> None:
     try:
         assert httpx.get(f"{url}/v2/models/raw").json()["versions"] == ["4"]
         x = np.full((2, 64), 0.25, dtype=np.float32)
-        np.testing.assert_array_equal(_infer(url, "raw", x), linear.reference(x))
+        np.testing.assert_array_equal(infer(url, "raw", x), linear.reference(x))
     finally:
         assert launcher.stop_process_group(pid, None)
     assert not psutil.pid_exists(pid)

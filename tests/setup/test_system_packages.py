@@ -38,6 +38,7 @@ def test_without_root_it_names_what_skips_and_how_to_install(tmp_path: Path) -> 
     assert "not root and has no passwordless sudo" in err
     assert "sudo apt-get install postgresql" in err
     assert "sudo apt-get install chromium fonts-liberation" in err
+    assert "prometheus is missing" in err and "sudo apt-get install prometheus" in err
 
 
 def test_with_everything_installed_it_is_silent(tmp_path: Path) -> None:
@@ -48,6 +49,8 @@ def test_with_everything_installed_it_is_silent(tmp_path: Path) -> None:
         "usr/lib/postgresql/15/bin/pg_ctl",
         "usr/lib/postgresql/15/bin/postgres",
         "usr/bin/chromium",
+        "usr/bin/promtool",
+        "usr/bin/prometheus",
     ):
         (tmp_path / exe).write_text("#!/bin/sh\n")
         (tmp_path / exe).chmod(0o755)

@@ -21,6 +21,7 @@ from shipyard.blobs.store import hash_bytes
 from shipyard.client import Client, LocalBackend
 from shipyard.context import Context
 from shipyard.errors import InvalidInputError, NotFoundError
+from shipyard.serving import reconciler
 from shipyard.serving.deployments import deploy, stop_deployment
 from shipyard.settings import Settings
 from shipyard.tracking import registry, runs
@@ -120,9 +121,10 @@ def test_a_torch_sidecar_export_is_bundled_registered_and_served(
     assert [t.name for t in mv.signature.inputs] == ["x"]
 
     registry.set_alias(ctx, project="p", model="digits", alias="production", version=1)
-    deployment = deploy(ctx, project="p", name="web", model="digits")
+    deploy(ctx, project="p", name="web", model="digits")
     try:
-        assert deployment.url is not None
+        deployment = reconciler.settle(ctx, project="p", name="web", timeout=60)
+        assert deployment.url is not None, deployment.message
         payload = {"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32",
                                "data": x.ravel().tolist()}]}  # fmt: skip
         response = httpx.post(f"{deployment.url}/v2/models/web/infer", json=payload, timeout=10)

@@ -16,7 +16,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
-import httpx
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -29,7 +28,19 @@ from shipyard.compute import sim as compute_sim
 from shipyard.compute.policy import POLICIES
 from shipyard.context import open_context
 from shipyard.demo.lifecycle import Reporter, follow_job, run_demo
-from shipyard.domain.models import DatasetVersion, Job, JobStatus, QuotaSpec
+from shipyard.domain.models import (
+    BatchingSpec,
+    DatasetVersion,
+    Deployment,
+    DeploymentSpec,
+    DeploymentTarget,
+    Job,
+    JobStatus,
+    ModelVersion,
+    QuotaSpec,
+    ReplicaBounds,
+    ReplicaResources,
+)
 from shipyard.errors import IntegrityError, InvalidInputError, ShipyardError, storage_fault
 from shipyard.maintenance.gc import DEFAULT_GRACE_S, collect_garbage
 from shipyard.security import principals as sec_principals
@@ -46,13 +57,17 @@ data_app = typer.Typer(help="Versioned datasets.", no_args_is_help=True)
 jobs_app = typer.Typer(help="Training and batch jobs.", no_args_is_help=True)
 runs_app = typer.Typer(help="Tracked runs.", no_args_is_help=True)
 models_app = typer.Typer(help="The model registry.", no_args_is_help=True)
-endpoints_app = typer.Typer(help="Deployed endpoints.", no_args_is_help=True)
+deployments_app = typer.Typer(
+    help="Deployments: desired state (targets, replicas) that the reconciler makes so.",
+    no_args_is_help=True,
+)
 token_app = typer.Typer(help="API tokens (for a server with auth on).", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(runs_app, name="runs")
 app.add_typer(models_app, name="models")
-app.add_typer(endpoints_app, name="endpoints")
+app.add_typer(deployments_app, name="deployments")
+app.add_typer(deployments_app, name="endpoints", hidden=True, deprecated=True)  # the old name
 app.add_typer(token_app, name="token")
 users_app = typer.Typer(help="Users and service accounts (server host).", no_args_is_help=True)
 projects_app = typer.Typer(help="Projects (server host).", no_args_is_help=True)
@@ -179,7 +194,7 @@ def demo(
         f"shipyard runs show {result.run.id}",
         f"shipyard jobs logs {result.job.id}",
         f"shipyard models show {result.model.model}",
-        "shipyard endpoints list",
+        "shipyard deployments list",
         f"shipyard deploy {result.model.model}@production --name {result.deployment.name}",
         "shipyard server   # then open http://127.0.0.1:8340/",
     ):
@@ -830,9 +845,17 @@ def models_list(project: ProjectOpt = None) -> None:
 
 
 @models_app.command("show")
-def models_show(name: str, project: ProjectOpt = None) -> None:
-    """Show a model's versions and alias history."""
+def models_show(
+    name: Annotated[str, typer.Argument(help="NAME (all versions) or NAME@VERSION / NAME@ALIAS.")],
+    project: ProjectOpt = None,
+) -> None:
+    """Show a model's versions and alias history, or one version's signature, example and
+    parity check (NAME@VERSION)."""
     client = _client()
+    if "@" in name:
+        model, _, ref = name.partition("@")
+        _show_version(client.models.get(model, ref or "latest", project=project))
+        return
     table = Table("version", "format", "aliases", "metrics", "run", "created")
     for v in client.models.versions(name, project=project):
         metrics = ", ".join(f"{k}={val:.4g}" for k, val in sorted(v.metrics.items())[:3])
@@ -854,6 +877,33 @@ def models_show(name: str, project: ProjectOpt = None) -> None:
         )
 
 
+def _show_version(v: ModelVersion) -> None:
+    console.print(
+        f"{escape(v.model)} v{v.version} ({v.format}, {v.artifact_size} bytes, "
+        f"{_ago(v.created_at)}) aliases: {', '.join(v.aliases) or '-'}",
+        highlight=False,
+    )
+    table = Table("", "name", "datatype", "shape")
+    for kind, tensors in (("input", v.signature.inputs), ("output", v.signature.outputs)):
+        for t in tensors:
+            table.add_row(kind, escape(t.name), t.datatype, str(t.shape))
+    console.print(table)
+    parity = v.signature.parity
+    if parity is None:
+        console.print("parity: not checked (an ONNX file logged as is)", highlight=False)
+    else:
+        console.print(
+            f"parity vs {parity.source} ({escape(parity.source_type)}): max abs diff "
+            f"{parity.max_abs_diff:.3g} on {parity.checked_rows} rows "
+            f"(atol={parity.atol:g}, rtol={parity.rtol:g}, label mismatches "
+            f"{parity.label_mismatches})",
+            highlight=False,
+        )
+    for ex in v.signature.example or []:
+        values = ", ".join(str(x) for x in ex.data[:8]) + (", ..." if len(ex.data) > 8 else "")
+        console.print(f"example {escape(ex.name)} {ex.shape}: [{escape(values)}]", highlight=False)
+
+
 @models_app.command("alias")
 def models_alias(name: str, alias: str, version: str, project: ProjectOpt = None) -> None:
     """Point ALIAS of model NAME at VERSION (recorded in the alias history)."""
@@ -864,74 +914,182 @@ def models_alias(name: str, alias: str, version: str, project: ProjectOpt = None
 # --- serving ----------------------------------------------------------------------------------
 
 
+TargetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--target",
+        "-t",
+        help="REF[=WEIGHT|=shadow]: a version number or an alias, its traffic share in percent "
+        "(the non-shadow weights sum to 100), or a shadow that gets a copy of each request. "
+        "Repeat for a canary: -t production=90 -t 3=10.",
+    ),
+]
+WaitOpt = Annotated[
+    bool, typer.Option("--wait/--no-wait", help="Wait until the deployment has settled.")
+]
+
+
 @app.command()
 def deploy(
     ref: Annotated[
         str, typer.Argument(help="MODEL@ALIAS or MODEL@VERSION (default alias: production).")
     ],
-    name: Annotated[str, typer.Option("--name", "-n", help="Endpoint name.")],
+    name: Annotated[str, typer.Option("--name", "-n", help="Deployment name.")],
+    target: TargetOpt = None,
+    min_replicas: Annotated[int, typer.Option("--min", help="Replicas per target, at least.")] = 1,
+    max_replicas: Annotated[
+        int | None, typer.Option("--max", help="Replicas per target, at most.")
+    ] = None,
+    cpus: Annotated[int, typer.Option(help="Model threads per replica.")] = 1,
+    gpus: Annotated[int, typer.Option(help="GPUs per replica.")] = 0,
     max_batch_size: Annotated[int, typer.Option(help="Adaptive batcher: max rows per batch.")] = 32,
     max_wait_ms: Annotated[
         float, typer.Option(help="Adaptive batcher: max wait for a batch.")
     ] = 5.0,
+    wait: WaitOpt = True,
     project: ProjectOpt = None,
 ) -> None:
-    """Serve a model version over the Open Inference Protocol v2 on 127.0.0.1."""
+    """Serve model versions over the Open Inference Protocol v2; returns once they are ready
+    (--no-wait: at once; `shipyard deployments show NAME` follows it)."""
     model, _, alias = ref.partition("@")
-    dep = _client().deployments.create(
-        name,
-        model=model,
-        ref=alias or "production",
-        max_batch_size=max_batch_size,
-        max_wait_ms=max_wait_ms,
-        project=project,
+    if target and alias:
+        raise InvalidInputError("give MODEL@REF or --target, not both", field="target")
+    targets = _parse_targets(target or [alias or "production"])
+    spec = DeploymentSpec(
+        targets=targets,
+        replicas=ReplicaBounds(min=min_replicas, max=max(max_replicas or 0, min_replicas)),
+        resources=ReplicaResources(cpus=cpus, gpus=gpus),
+        batching=BatchingSpec(max_batch=max_batch_size, wait_ms=max_wait_ms),
     )
-    console.print(
-        f"endpoint {dep.name} {dep.status.value}: {dep.url}/v2/models/{dep.name}/infer "
-        f"(model {dep.model} v{dep.version}, pid {dep.pid})"
-    )
+    dep = _client().deployments.create(name, model=model, spec=spec, wait=wait, project=project)
+    _print_deployment_line(dep)
 
 
-@endpoints_app.command("list")
-def endpoints_list(project: ProjectOpt = None) -> None:
-    """List endpoints."""
-    table = Table("name", "model", "version", "status", "url", "pid")
+@deployments_app.command("list")
+def deployments_list(project: ProjectOpt = None) -> None:
+    """List deployments: what serves, how many replicas are ready."""
+    table = Table("name", "model", "serving", "status", "replicas", "url")
     for d in _client().deployments.list(project=project):
+        ready = sum(1 for r in d.replicas if r.state.value == "ready")
+        wanted = d.spec.replicas.min * max(1, len(d.targets))
         table.add_row(
-            d.name, d.model, str(d.version), d.status.value, d.url or "-", str(d.pid or "-")
+            d.name,
+            d.model,
+            _describe_serving(d),
+            d.status.value,
+            f"{ready}/{wanted}",
+            d.url or "-",
         )
     console.print(table)
 
 
-@endpoints_app.command("stop")
-def endpoints_stop(name: str, project: ProjectOpt = None) -> None:
-    """Stop an endpoint's replica."""
+@deployments_app.command("show")
+def deployments_show(name: str, project: ProjectOpt = None) -> None:
+    """A deployment's spec, what serves it, its rollout and each replica's state."""
+    d = _client().deployments.get(name, project=project)
+    console.print(f"deployment {escape(d.name)}: {d.status.value} - {escape(d.message)}")
+    console.print(f"model {escape(d.model)}, serving {_describe_serving(d)}, url {d.url or '-'}")
+    spec = d.spec
+    console.print(
+        f"spec: targets {escape(_describe_spec_targets(d))}; replicas {spec.replicas.min}-"
+        f"{spec.replicas.max}; cpus {spec.resources.cpus}, gpus {spec.resources.gpus}; "
+        f"batching {spec.batching.max_batch} rows / {spec.batching.wait_ms:g} ms"
+    )
+    if d.rollout is not None:
+        to = ", ".join(f"v{t.version}" for t in d.rollout.to)
+        state = f"failed: {d.rollout.error}" if d.rollout.error else "under way"
+        console.print(f"rollout to {to}: {escape(state)}")
+    table = Table("replica", "version", "state", "restarts", "pid", "url", "message")
+    for r in d.replicas:
+        table.add_row(
+            r.id,
+            str(r.version),
+            r.state.value,
+            str(r.restarts),
+            str(r.pid or "-"),
+            r.url or "-",
+            escape(r.message.splitlines()[0] if r.message else ""),
+        )
+    console.print(table)
+
+
+@deployments_app.command("scale")
+def deployments_scale(
+    name: str,
+    min_replicas: Annotated[int, typer.Option("--min", help="Replicas per target, at least.")],
+    max_replicas: Annotated[
+        int | None, typer.Option("--max", help="Replicas per target, at most.")
+    ] = None,
+    wait: WaitOpt = True,
+    project: ProjectOpt = None,
+) -> None:
+    """Change how many replicas each target runs."""
+    dep = _client().deployments.scale(
+        name, min=min_replicas, max=max_replicas, wait=wait, project=project
+    )
+    _print_deployment_line(dep)
+
+
+@deployments_app.command("update")
+def deployments_update(
+    name: str,
+    target: TargetOpt = None,
+    max_batch_size: Annotated[int | None, typer.Option(help="Adaptive batcher: max rows.")] = None,
+    max_wait_ms: Annotated[float | None, typer.Option(help="Adaptive batcher: max wait.")] = None,
+    wait: WaitOpt = True,
+    project: ProjectOpt = None,
+) -> None:
+    """Change targets (a rollout: new replicas start, traffic moves once they are ready, the old
+    ones drain; a version that fails to load leaves the old one serving) or the batcher."""
+    client = _client()
+    batching = None
+    if max_batch_size is not None or max_wait_ms is not None:
+        current = client.deployments.get(name, project=project).spec.batching
+        batching = BatchingSpec(
+            max_batch=current.max_batch if max_batch_size is None else max_batch_size,
+            wait_ms=current.wait_ms if max_wait_ms is None else max_wait_ms,
+        )
+    if not target and batching is None:
+        raise InvalidInputError("nothing to change: give --target or a batcher option", "target")
+    dep = client.deployments.update(
+        name,
+        targets=_parse_targets(target) if target else None,
+        batching=batching,
+        wait=wait,
+        project=project,
+    )
+    _print_deployment_line(dep)
+
+
+@deployments_app.command("stop")
+def deployments_stop(name: str, project: ProjectOpt = None) -> None:
+    """Stop a deployment and all its replicas."""
     dep = _client().deployments.stop(name, project=project)
-    console.print(f"endpoint {dep.name} {dep.status.value}")
+    console.print(f"deployment {dep.name} {dep.status.value}")
 
 
 @app.command()
 def predict(
-    name: Annotated[str, typer.Argument(help="Endpoint name.")],
+    name: Annotated[str, typer.Argument(help="Deployment name.")],
     data: Annotated[str | None, typer.Option(help="Rows as JSON, e.g. '[[0, 1, ...]]'.")] = None,
     file: Annotated[
         Path | None, typer.Option(help="A JSON file with rows, or a full OIP v2 request.")
     ] = None,
+    request_id: Annotated[
+        str | None, typer.Option(help="The request's id (X-Request-Id); a new one if not given.")
+    ] = None,
     project: ProjectOpt = None,
 ) -> None:
-    """Send rows to an endpoint (OIP v2) and print the outputs."""
+    """Send rows to a deployment (OIP v2; through the server's gateway when SHIPYARD_URL is
+    set) and print the answer, with the version that served it."""
     if (data is None) == (file is None):
         raise InvalidInputError("give exactly one of --data or --file", field="data")
     payload = _predict_payload(data, file)
     client = _client()
-    dep = client.deployments.get(name, project=project)
-    if not dep.url:
-        raise InvalidInputError(
-            f"endpoint {name} is {dep.status.value}; deploy it first", field="name"
-        )
     if isinstance(payload, dict):
         request = payload
     else:
+        dep = client.deployments.get(name, project=project)
         mv = client.models.get(dep.model, dep.version, project=project)
         spec = mv.signature.inputs[0]
         rows = payload
@@ -945,10 +1103,61 @@ def predict(
                 }
             ]
         }
-    response = httpx.post(f"{dep.url}/v2/models/{name}/infer", json=request, timeout=60)
-    if response.status_code >= 400:
-        raise InvalidInputError(f"endpoint {name} answered {response.status_code}: {response.text}")
-    console.print_json(response.text)
+    answer = client.deployments.predict(name, request, request_id=request_id, project=project)
+    console.print_json(json.dumps(answer))
+
+
+def _parse_targets(values: list[str]) -> list[DeploymentTarget]:
+    """``REF[=WEIGHT|=shadow]`` each; a target without a weight gets 100."""
+    targets = []
+    for i, value in enumerate(values):
+        ref, _, share = value.partition("=")
+        ref = ref.strip()
+        if not ref:
+            raise InvalidInputError(f"--target {value!r} names no version or alias", "target")
+        shadow = share.strip().lower() == "shadow"
+        if share and not shadow:
+            try:
+                weight = int(share)
+            except ValueError:
+                raise InvalidInputError(
+                    f"--target {value!r}: the weight must be a whole percentage or 'shadow'",
+                    field=f"targets[{i}].weight",
+                ) from None
+        else:
+            weight = 0 if shadow else 100
+        number = ref.removeprefix("v")
+        if number.isdigit():
+            targets.append(DeploymentTarget(version=int(number), weight=weight, shadow=shadow))
+        else:
+            targets.append(DeploymentTarget(alias=ref, weight=weight, shadow=shadow))
+    return targets
+
+
+def _describe_serving(d: Deployment) -> str:
+    if not d.targets:
+        return "-"
+    parts = []
+    for t in d.targets:
+        share = " (shadow)" if t.shadow else f" {t.weight}%" if len(d.targets) > 1 else ""
+        parts.append(f"v{t.version}{share}")
+    return ", ".join(parts)
+
+
+def _describe_spec_targets(d: Deployment) -> str:
+    parts = []
+    for t in d.spec.targets:
+        ref = t.alias if t.alias is not None else f"v{t.version}"
+        parts.append(f"{ref}=shadow" if t.shadow else f"{ref}={t.weight}")
+    return " ".join(parts)
+
+
+def _print_deployment_line(dep: Deployment) -> None:
+    where = f"{dep.url}/v2/models/{dep.name}/infer" if dep.url else "-"
+    console.print(
+        f"deployment {dep.name} {dep.status.value}: {where} (model {dep.model} "
+        f"{_describe_serving(dep)}; {escape(dep.message)})"
+    )
 
 
 def _predict_payload(data: str | None, file: Path | None) -> dict[str, Any] | list[list[Any]]:
@@ -996,6 +1205,143 @@ def _is_value(value: Any) -> bool:
 
 
 # --- maintenance ------------------------------------------------------------------------------
+
+
+@app.command("batch")
+def batch_command(
+    ref: Annotated[
+        str, typer.Argument(help="MODEL@ALIAS or MODEL@vN (default alias: production).")
+    ],
+    source: Annotated[
+        str, typer.Option("--input", help="The dataset version to predict on: NAME@VERSION.")
+    ],
+    output: Annotated[
+        str,
+        typer.Option("--output", help="The dataset the predictions become the next version of."),
+    ],
+    columns: Annotated[
+        str | None,
+        typer.Option(help="The feature columns, in order: a,b,c (default: every numeric one)."),
+    ] = None,
+    input_column: Annotated[
+        str | None,
+        typer.Option("--input-column", help="One list column holding each row's features."),
+    ] = None,
+    keep: Annotated[
+        str | None, typer.Option(help="Columns copied through to the predictions: id,...")
+    ] = None,
+    workers: Annotated[
+        int, typer.Option(help="Worker processes (or Ray actors); default min(CPUs, 4).")
+    ] = 0,
+    batch_rows: Annotated[int, typer.Option(help="Rows per model call.")] = 256,
+    on: Annotated[
+        str, typer.Option("--on", help="local (worker processes) or ray (a Ray actor pool).")
+    ] = "local",
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            "--ray-address",
+            help="The Ray cluster's Ray Client address, ray://HOST:PORT (default: "
+            "SHIPYARD_EXECUTOR).",
+        ),
+    ] = None,
+    memory: Annotated[int, typer.Option("--memory", help="Memory to reserve, MB.")] = 1024,
+    here: Annotated[
+        bool, typer.Option("--here", help="Run in this process instead of as a queued job.")
+    ] = False,
+    detach: Annotated[bool, typer.Option("--detach", "-d", help="Do not follow the job.")] = False,
+    project: ProjectOpt = None,
+) -> None:
+    """Predict with a registered model over a dataset version, as a job, and commit the
+    predictions as a new dataset version with lineage: shipyard batch clf@production --input
+    features@3 --output scores"""
+    if on not in ("local", "ray"):
+        raise InvalidInputError(f"--on {on!r}: give local or ray", field="on")
+    count = workers or None
+    client = _client()
+    if here:
+        with _row_progress("predicting") as progress:
+            dv = client.models.batch_predict(
+                ref,
+                input=source,
+                output=output,
+                columns=_names(columns),
+                input_column=input_column,
+                keep=_names(keep) or [],
+                workers=count,
+                batch_rows=batch_rows,
+                on=on,  # type: ignore[arg-type]
+                ray_address=ray_address,
+                project=project,
+                progress=progress,
+            )
+        console.print(
+            f"dataset [bold]{dv.dataset}[/bold] v{dv.version}: {dv.file_count} table(s), "
+            f"{dv.total_bytes} bytes  {dv.message}",
+            highlight=False,
+        )
+        return
+    if client.is_remote:
+        raise InvalidInputError(
+            "batch inference runs against this machine's home for now (the server has no API "
+            "yet to record a batch's lineage); unset SHIPYARD_URL, or run it on the server's "
+            "host",
+            field="model",
+        )
+    command = [sys.executable, "-m", "shipyard.cli", "batch", ref, "--input", source]
+    command += ["--output", output, "--batch-rows", str(batch_rows), "--on", on, "--here"]
+    for flag, value in (
+        ("--columns", columns),
+        ("--input-column", input_column),
+        ("--keep", keep),
+        ("--ray-address", ray_address),
+        ("--workers", str(workers) if workers else None),
+    ):
+        if value:
+            command += [flag, value]
+    cpus = 1 if on == "ray" else (workers or min(os.cpu_count() or 1, 4))
+    job = client.jobs.submit(
+        command, cpus=cpus, memory_mb=memory, name=f"batch-{output}"[:63], project=project
+    )
+    err.print(f"job {job.id} {job.status.value}: batch inference into {output}")
+    if detach:
+        console.print(job.id)
+        return
+    job = follow_job(
+        client,
+        job.id,
+        on_line=lambda line: console.print(line, highlight=False, markup=False, soft_wrap=True),
+        project=job.project,
+    )
+    err.print(f"job {job.id} {job.status.value}" + (f": {job.message}" if job.message else ""))
+    if job.status != JobStatus.SUCCEEDED:
+        raise typer.Exit(1)
+
+
+def _names(text: str | None) -> list[str] | None:
+    """``a,b,c`` as a list (None when not given)."""
+    if text is None:
+        return None
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+@contextlib.contextmanager
+def _row_progress(label: str) -> Iterator[Callable[[int, int, str], None]]:
+    with Progress(
+        TextColumn(f"{label} {{task.fields[what]}}"),
+        BarColumn(),
+        TextColumn("{task.fields[rows]}"),
+        console=err,
+        transient=True,
+    ) as bar:
+        task = bar.add_task(label, total=None, what="", rows="")
+
+        def update(done: int, total: int, what: str) -> None:
+            bar.update(
+                task, completed=done, total=total, what=what, rows=f"{done:,}/{total:,} rows"
+            )
+
+        yield update
 
 
 @app.command("gc")

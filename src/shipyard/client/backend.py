@@ -24,9 +24,12 @@ from shipyard.domain.models import (
     Artifact,
     AuditEvent,
     AuditVerification,
+    BatchingSpec,
     Dataset,
     DatasetVersion,
     Deployment,
+    DeploymentSpec,
+    DeploymentTarget,
     FileEntry,
     Job,
     JobSpec,
@@ -34,11 +37,15 @@ from shipyard.domain.models import (
     LineageEdge,
     LogBatchResult,
     MetricPoint,
+    ModelExampleTensor,
+    ModelParity,
     ModelVersion,
     NodeView,
     QueueView,
     QuotaSpec,
     RegisteredModel,
+    ReplicaBounds,
+    ReplicaResources,
     Run,
     RunStatus,
 )
@@ -197,6 +204,8 @@ class Backend(ABC):
         run_id: str | None,
         artifact_path: str | None,
         description: str = "",
+        example: list[ModelExampleTensor] | None = None,
+        parity: ModelParity | None = None,
     ) -> ModelVersion: ...
     @abstractmethod
     def get_model_version(
@@ -212,6 +221,25 @@ class Backend(ABC):
     ) -> ModelVersion: ...
     @abstractmethod
     def alias_history(self, *, project: str, model: str) -> list[AliasEvent]: ...
+    @abstractmethod
+    def batch_predict(
+        self,
+        *,
+        project: str,
+        model: str,
+        source: str,
+        to: str,
+        columns: Sequence[str] | None = None,
+        input_column: str | None = None,
+        keep: Sequence[str] = (),
+        workers: int | None = None,
+        batch_rows: int = 256,
+        on: Literal["local", "ray"] = "local",
+        ray_address: str | None = None,
+        progress: Progress | None = None,
+    ) -> DatasetVersion:
+        """Predict with ``model`` (``NAME@REF``) over dataset version ``source`` and commit the
+        predictions as the next version of ``to`` (:mod:`shipyard.serving.batch`)."""
 
     # jobs
     @abstractmethod
@@ -244,10 +272,34 @@ class Backend(ABC):
         project: str,
         name: str,
         model: str,
-        ref: str = "production",
-        max_batch_size: int = 32,
-        max_wait_ms: float = 5.0,
+        ref: str | None = None,
+        spec: DeploymentSpec | None = None,
+        max_batch_size: int | None = None,
+        max_wait_ms: float | None = None,
     ) -> Deployment: ...
+    @abstractmethod
+    def update_deployment(
+        self,
+        *,
+        project: str,
+        name: str,
+        targets: list[DeploymentTarget] | None = None,
+        replicas: ReplicaBounds | None = None,
+        resources: ReplicaResources | None = None,
+        batching: BatchingSpec | None = None,
+    ) -> Deployment: ...
+    @abstractmethod
+    def scale_deployment(
+        self, *, project: str, name: str, min_replicas: int, max_replicas: int | None = None
+    ) -> Deployment: ...
+    @abstractmethod
+    def settle_deployment(self, *, project: str, name: str, timeout: float) -> Deployment:
+        """Return once the deployment has settled (``Deployment.settled``) or ``timeout``."""
+    @abstractmethod
+    def predict(
+        self, *, project: str, name: str, request: dict[str, Any], request_id: str | None = None
+    ) -> dict[str, Any]:
+        """Send one OIP v2 inference request to the deployment; its OIP response body."""
     @abstractmethod
     def list_deployments(self, *, project: str) -> list[Deployment]: ...
     @abstractmethod

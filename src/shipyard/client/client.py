@@ -33,9 +33,13 @@ from shipyard.data.fs import HttpSource, LocalSource, ShipyardFile, Source, open
 from shipyard.data.statcache import StatCache
 from shipyard.data.worktree import CheckoutResult, LinkMode, WorktreeStatus
 from shipyard.domain.models import (
+    BatchingSpec,
     Dataset,
     DatasetVersion,
     Deployment,
+    DeploymentSpec,
+    DeploymentStatus,
+    DeploymentTarget,
     FileEntry,
     Job,
     JobSpec,
@@ -45,14 +49,18 @@ from shipyard.domain.models import (
     QueueView,
     QuotaSpec,
     RegisteredModel,
+    ReplicaBounds,
+    ReplicaResources,
     Resources,
     Run,
 )
-from shipyard.errors import InvalidInputError, NotFoundError
+from shipyard.errors import BackendError, InvalidInputError, NotFoundError
 from shipyard.settings import Settings
 
 if TYPE_CHECKING:
     from shipyard.data.quality import Suite
+
+DEPLOY_TIMEOUT_S = 120.0  # how long create/update/scale wait for a deployment to settle
 
 
 def backend_from_settings(settings: Settings) -> Backend:
@@ -436,6 +444,42 @@ class ModelsClient(_Resource):
             project=self._project(project), model=name, alias=alias, version=version
         )
 
+    def batch_predict(
+        self,
+        model: str,
+        *,
+        input: str,
+        output: str,
+        columns: Sequence[str] | None = None,
+        input_column: str | None = None,
+        keep: Sequence[str] = (),
+        workers: int | None = None,
+        batch_rows: int = 256,
+        on: Literal["local", "ray"] = "local",
+        ray_address: str | None = None,
+        project: str | None = None,
+        progress: Progress | None = None,
+    ) -> DatasetVersion:
+        """Run ``model`` (``NAME@ALIAS``, ``NAME@vN``; ``NAME`` for ``production``) over the
+        tables of dataset version ``input`` (``NAME@V``) in worker processes here (or an actor
+        pool on Ray) and commit the predictions as the next version of dataset ``output``, with
+        lineage from the dataset version and the model version (:mod:`shipyard.serving.batch`).
+        ``columns`` / ``input_column`` choose the features; ``keep`` columns pass through."""
+        return self._b.batch_predict(
+            project=self._project(project),
+            model=model,
+            source=input,
+            to=output,
+            columns=None if columns is None else list(columns),
+            input_column=input_column,
+            keep=list(keep),
+            workers=workers,
+            batch_rows=batch_rows,
+            on=on,
+            ray_address=ray_address,
+            progress=progress,
+        )
+
 
 class JobsClient(_Resource):
     def submit(
@@ -516,24 +560,121 @@ class JobsClient(_Resource):
 
 
 class DeploymentsClient(_Resource):
+    """Deployments: desired state that the reconciler makes so.
+
+    ``create``, ``update`` and ``scale`` record the change and, with ``wait`` (the default),
+    return once the deployment has settled: running as its spec says, or failed (then they raise
+    BackendError with the reason; ``wait=False`` returns at once and ``wait()`` waits later).
+    """
+
     def create(
         self,
         name: str,
         *,
         model: str,
-        ref: str = "production",
-        max_batch_size: int = 32,
-        max_wait_ms: float = 5.0,
+        ref: str | None = None,
+        spec: DeploymentSpec | None = None,
+        max_batch_size: int | None = None,
+        max_wait_ms: float | None = None,
+        wait: bool = True,
+        timeout: float = DEPLOY_TIMEOUT_S,
         project: str | None = None,
     ) -> Deployment:
-        return self._b.deploy(
-            project=self._project(project),
+        project = self._project(project)
+        created = self._b.deploy(
+            project=project,
             name=name,
             model=model,
             ref=ref,
+            spec=spec,
             max_batch_size=max_batch_size,
             max_wait_ms=max_wait_ms,
         )
+        return self._settled(created, project, wait=wait, timeout=timeout)
+
+    def update(
+        self,
+        name: str,
+        *,
+        targets: Sequence[DeploymentTarget] | None = None,
+        replicas: ReplicaBounds | None = None,
+        resources: ReplicaResources | None = None,
+        batching: BatchingSpec | None = None,
+        wait: bool = True,
+        timeout: float = DEPLOY_TIMEOUT_S,
+        project: str | None = None,
+    ) -> Deployment:
+        """Change parts of the spec; new targets roll out (see ``serving.reconciler``)."""
+        project = self._project(project)
+        updated = self._b.update_deployment(
+            project=project,
+            name=name,
+            targets=list(targets) if targets is not None else None,
+            replicas=replicas,
+            resources=resources,
+            batching=batching,
+        )
+        return self._settled(updated, project, wait=wait, timeout=timeout)
+
+    def scale(
+        self,
+        name: str,
+        *,
+        min: int,
+        max: int | None = None,
+        wait: bool = True,
+        timeout: float = DEPLOY_TIMEOUT_S,
+        project: str | None = None,
+    ) -> Deployment:
+        project = self._project(project)
+        scaled = self._b.scale_deployment(
+            project=project, name=name, min_replicas=min, max_replicas=max
+        )
+        return self._settled(scaled, project, wait=wait, timeout=timeout)
+
+    def wait(
+        self, name: str, *, timeout: float = DEPLOY_TIMEOUT_S, project: str | None = None
+    ) -> Deployment:
+        """Return once the deployment has settled (or after ``timeout``, as it is then)."""
+        return self._b.settle_deployment(project=self._project(project), name=name, timeout=timeout)
+
+    def predict(
+        self,
+        name: str,
+        request: dict[str, Any],
+        *,
+        request_id: str | None = None,
+        project: str | None = None,
+    ) -> dict[str, Any]:
+        """One OIP v2 inference request (``{"inputs": [...]}``); the OIP response body, plus
+        ``shipyard: {request_id, model_version}``. Through the server's gateway when the client
+        talks to a server, else straight to a ready replica."""
+        return self._b.predict(
+            project=self._project(project), name=name, request=request, request_id=request_id
+        )
+
+    def _settled(
+        self, deployment: Deployment, project: str, *, wait: bool, timeout: float
+    ) -> Deployment:
+        if not wait:
+            return deployment
+        settled = self._b.settle_deployment(
+            project=project, name=deployment.name, timeout=timeout
+        )
+        failure = settled.rollout.error if settled.rollout is not None else None
+        if settled.status is DeploymentStatus.FAILED or failure:
+            raise BackendError(
+                f"deployment {deployment.name!r} failed: {failure or settled.message}",
+                field="name",
+            )
+        if not settled.settled():
+            raise BackendError(
+                f"deployment {deployment.name!r} has not settled after {timeout:.0f}s "
+                f"({settled.status.value}: {settled.message}); wait for it with "
+                f"`shipyard deployments show {deployment.name}`",
+                field="name",
+            )
+        return settled
 
     def list(self, *, project: str | None = None) -> builtins.list[Deployment]:
         return self._b.list_deployments(project=self._project(project))

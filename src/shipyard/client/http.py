@@ -28,6 +28,7 @@ from pydantic import BaseModel, TypeAdapter
 
 from shipyard.blobs import hash_bytes, hash_file
 from shipyard.client.backend import Backend, Progress
+from shipyard.client.oip import oip_call, poll_settled
 from shipyard.compute.snapshot import snapshot_code
 from shipyard.data.scan import ScannedFile, scan_source
 from shipyard.data.statcache import StatCache
@@ -38,9 +39,12 @@ from shipyard.domain.models import (
     Artifact,
     AuditEvent,
     AuditVerification,
+    BatchingSpec,
     Dataset,
     DatasetVersion,
     Deployment,
+    DeploymentSpec,
+    DeploymentTarget,
     FileEntry,
     Job,
     JobSpec,
@@ -48,11 +52,15 @@ from shipyard.domain.models import (
     LineageEdge,
     LogBatchResult,
     MetricPoint,
+    ModelExampleTensor,
+    ModelParity,
     ModelVersion,
     NodeView,
     QueueView,
     QuotaSpec,
     RegisteredModel,
+    ReplicaBounds,
+    ReplicaResources,
     Run,
     RunStatus,
 )
@@ -71,6 +79,7 @@ from shipyard.schemas import (
     RegisterModelVersionRequest,
     SetAliasRequest,
     SubmitJobRequest,
+    UpdateDeploymentRequest,
 )
 from shipyard.settings import DEFAULT_PROJECT
 from shipyard.tracking.checkpoints import checkpoint_sources
@@ -584,12 +593,16 @@ class HttpBackend(Backend):
         run_id: str | None,
         artifact_path: str | None,
         description: str = "",
+        example: list[ModelExampleTensor] | None = None,
+        parity: ModelParity | None = None,
     ) -> ModelVersion:
         body = _unchecked(
             RegisterModelVersionRequest,
             run_id=run_id,
             artifact_path=artifact_path,
             description=description,
+            example=example,
+            parity=parity,
         )
         return self._json(
             "POST",
@@ -629,6 +642,29 @@ class HttpBackend(Backend):
     def alias_history(self, *, project: str, model: str) -> list[AliasEvent]:
         return self._list(
             f"{self._p(project)}/models/{_seg(model, 'model')}/alias-history", AliasEvent
+        )
+
+    def batch_predict(
+        self,
+        *,
+        project: str,
+        model: str,
+        source: str,
+        to: str,
+        columns: Sequence[str] | None = None,
+        input_column: str | None = None,
+        keep: Sequence[str] = (),
+        workers: int | None = None,
+        batch_rows: int = 256,
+        on: Literal["local", "ray"] = "local",
+        ray_address: str | None = None,
+        progress: Progress | None = None,
+    ) -> DatasetVersion:
+        raise InvalidInputError(
+            "batch inference runs against this machine's home for now (the server has no API "
+            "yet to record a batch's lineage); unset SHIPYARD_URL, or run it on the server's "
+            "host",
+            field="model",
         )
 
     # --- jobs ----------------------------------------------------------------------------------
@@ -685,20 +721,68 @@ class HttpBackend(Backend):
         project: str,
         name: str,
         model: str,
-        ref: str = "production",
-        max_batch_size: int = 32,
-        max_wait_ms: float = 5.0,
+        ref: str | None = None,
+        spec: DeploymentSpec | None = None,
+        max_batch_size: int | None = None,
+        max_wait_ms: float | None = None,
     ) -> Deployment:
         body = _unchecked(
             CreateDeploymentRequest,
             name=name,
             model=model,
             ref=ref,
+            spec=spec,
             max_batch_size=max_batch_size,
             max_wait_ms=max_wait_ms,
         )
         return self._json(
-            "POST", f"{self._p(project)}/deployments", Deployment, json=body.model_dump(mode="json")
+            "POST",
+            f"{self._p(project)}/deployments",
+            Deployment,
+            json=body.model_dump(mode="json", exclude_none=True),
+        )
+
+    def update_deployment(
+        self,
+        *,
+        project: str,
+        name: str,
+        targets: list[DeploymentTarget] | None = None,
+        replicas: ReplicaBounds | None = None,
+        resources: ReplicaResources | None = None,
+        batching: BatchingSpec | None = None,
+    ) -> Deployment:
+        body = _unchecked(
+            UpdateDeploymentRequest,
+            targets=targets,
+            replicas=replicas,
+            resources=resources,
+            batching=batching,
+        )
+        return self._json(
+            "PATCH",
+            f"{self._p(project)}/deployments/{_seg(name)}",
+            Deployment,
+            json=body.model_dump(mode="json", exclude_none=True),
+        )
+
+    def scale_deployment(
+        self, *, project: str, name: str, min_replicas: int, max_replicas: int | None = None
+    ) -> Deployment:
+        body = {"min": min_replicas, **({"max": max_replicas} if max_replicas else {})}
+        return self._json(
+            "POST", f"{self._p(project)}/deployments/{_seg(name)}/scale", Deployment, json=body
+        )
+
+    def settle_deployment(self, *, project: str, name: str, timeout: float) -> Deployment:
+        return poll_settled(lambda: self.get_deployment(project=project, name=name), timeout)
+
+    def predict(
+        self, *, project: str, name: str, request: dict[str, Any], request_id: str | None = None
+    ) -> dict[str, Any]:
+        base = "" if project == DEFAULT_PROJECT else f"/projects/{_seg(project, 'project')}"
+        return oip_call(
+            f"{base}/v2/models/{_seg(name)}/infer", name, request, request_id, client=self._http
         )
 
     def list_deployments(self, *, project: str) -> list[Deployment]:

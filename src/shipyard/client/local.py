@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from shipyard.client.backend import Backend, Progress
+from shipyard.client.oip import oip_call, poll_settled
 from shipyard.compute import jobs, nodes, queues
 from shipyard.context import Context
 from shipyard.data import datasets, transform
@@ -18,9 +19,12 @@ from shipyard.domain.models import (
     Artifact,
     AuditEvent,
     AuditVerification,
+    BatchingSpec,
     Dataset,
     DatasetVersion,
     Deployment,
+    DeploymentSpec,
+    DeploymentTarget,
     FileEntry,
     Job,
     JobSpec,
@@ -28,19 +32,25 @@ from shipyard.domain.models import (
     LineageEdge,
     LogBatchResult,
     MetricPoint,
+    ModelExampleTensor,
+    ModelParity,
     ModelVersion,
     NodeView,
     QueueView,
     QuotaSpec,
     RegisteredModel,
+    ReplicaBounds,
+    ReplicaResources,
+    ReplicaState,
     Run,
     RunStatus,
 )
 from shipyard.domain.names import validate_relative_path
 from shipyard.domain.principals import Role
+from shipyard.errors import InvalidStateError
 from shipyard.security import audit
 from shipyard.security.blobrefs import authorize_blob
-from shipyard.serving import deployments
+from shipyard.serving import batch, deployments, reconciler
 from shipyard.tracking import checkpoints, registry, runs
 
 if TYPE_CHECKING:
@@ -262,6 +272,8 @@ class LocalBackend(Backend):
         run_id: str | None,
         artifact_path: str | None,
         description: str = "",
+        example: list[ModelExampleTensor] | None = None,
+        parity: ModelParity | None = None,
     ) -> ModelVersion:
         return registry.register_version(
             self.ctx,
@@ -270,6 +282,8 @@ class LocalBackend(Backend):
             run_id=run_id,
             artifact_path=artifact_path,
             description=description,
+            example=example,
+            parity=parity,
         )
 
     def get_model_version(
@@ -292,6 +306,38 @@ class LocalBackend(Backend):
 
     def alias_history(self, *, project: str, model: str) -> list[AliasEvent]:
         return registry.alias_history(self.ctx, project=project, model=model)
+
+    def batch_predict(
+        self,
+        *,
+        project: str,
+        model: str,
+        source: str,
+        to: str,
+        columns: Sequence[str] | None = None,
+        input_column: str | None = None,
+        keep: Sequence[str] = (),
+        workers: int | None = None,
+        batch_rows: int = 256,
+        on: Literal["local", "ray"] = "local",
+        ray_address: str | None = None,
+        progress: Progress | None = None,
+    ) -> DatasetVersion:
+        return batch.batch_predict(
+            self.ctx,
+            project=project,
+            model=model,
+            source=source,
+            to=to,
+            columns=columns,
+            input_column=input_column,
+            keep=keep,
+            workers=workers,
+            batch_rows=batch_rows,
+            on=on,
+            ray_address=ray_address,
+            progress=progress,
+        )
 
     # jobs
     def submit_job(
@@ -326,30 +372,100 @@ class LocalBackend(Backend):
         return data.decode("utf-8", errors="replace"), new_offset, finished
 
     # deployments
+    # An embedded home has no server running the reconciler: each change runs a pass inline
+    # (replicas are spawned, not waited for), and so does each look at a deployment, so a
+    # replica that died is restarted by the next command that looks (see serving.deployments).
     def deploy(
         self,
         *,
         project: str,
         name: str,
         model: str,
-        ref: str = "production",
-        max_batch_size: int = 32,
-        max_wait_ms: float = 5.0,
+        ref: str | None = None,
+        spec: DeploymentSpec | None = None,
+        max_batch_size: int | None = None,
+        max_wait_ms: float | None = None,
     ) -> Deployment:
-        return deployments.deploy(
+        deployments.deploy(
             self.ctx,
             project=project,
             name=name,
             model=model,
             ref=ref,
+            spec=spec,
             max_batch_size=max_batch_size,
             max_wait_ms=max_wait_ms,
         )
+        return self._reconciled(project, name)
+
+    def update_deployment(
+        self,
+        *,
+        project: str,
+        name: str,
+        targets: list[DeploymentTarget] | None = None,
+        replicas: ReplicaBounds | None = None,
+        resources: ReplicaResources | None = None,
+        batching: BatchingSpec | None = None,
+    ) -> Deployment:
+        deployments.update_deployment(
+            self.ctx,
+            project=project,
+            name=name,
+            targets=targets,
+            replicas=replicas,
+            resources=resources,
+            batching=batching,
+        )
+        return self._reconciled(project, name)
+
+    def scale_deployment(
+        self, *, project: str, name: str, min_replicas: int, max_replicas: int | None = None
+    ) -> Deployment:
+        deployments.scale_deployment(
+            self.ctx,
+            project=project,
+            name=name,
+            min_replicas=min_replicas,
+            max_replicas=max_replicas,
+        )
+        return self._reconciled(project, name)
+
+    def settle_deployment(self, *, project: str, name: str, timeout: float) -> Deployment:
+        if reconciler.in_background():
+            return poll_settled(lambda: self.get_deployment(project=project, name=name), timeout)
+        return reconciler.settle(self.ctx, project=project, name=name, timeout=timeout)
+
+    def predict(
+        self, *, project: str, name: str, request: dict[str, Any], request_id: str | None = None
+    ) -> dict[str, Any]:
+        current = self.get_deployment(project=project, name=name)
+        ready = [r for r in current.replicas if r.state is ReplicaState.READY and r.url]
+        served = {t.version for t in current.targets if not t.shadow}
+        ready = [r for r in ready if r.version in served] or ready
+        if not ready:
+            raise InvalidStateError(
+                f"deployment {name!r} has no ready replica ({current.status.value}: "
+                f"{current.message})",
+                field="name",
+            )
+        replica = ready[hash(request_id or id(request)) % len(ready)]
+        return oip_call(f"{replica.url}/v2/models/{name}/infer", name, request, request_id)
 
     def list_deployments(self, *, project: str) -> list[Deployment]:
+        self._reconcile(project)
         return deployments.list_deployments(self.ctx, project=project)
 
     def get_deployment(self, *, project: str, name: str) -> Deployment:
+        self._reconcile(project, name)
+        return deployments.get_deployment(self.ctx, project=project, name=name)
+
+    def _reconcile(self, project: str, name: str | None = None) -> None:
+        if not reconciler.in_background():
+            reconciler.reconcile_once(self.ctx, project=project, name=name)
+
+    def _reconciled(self, project: str, name: str) -> Deployment:
+        self._reconcile(project, name)
         return deployments.get_deployment(self.ctx, project=project, name=name)
 
     def stop_deployment(self, *, project: str, name: str) -> Deployment:

@@ -92,6 +92,13 @@ from shipyard.errors import (
 )
 from shipyard.security.paths import safe_join
 from shipyard.settings import ENV_JOB_ID, ENV_RUN_ID
+from shipyard.tracking.convert import (
+    DEFAULT_ATOL,
+    DEFAULT_RTOL,
+    convert_model,
+    is_convertible,
+    with_example,
+)
 from shipyard.tracking.formats import bundle_onnx_file
 from shipyard.tracking.runs import ENV_RUN_GRACE, MAX_BATCH, parse_grace
 
@@ -291,22 +298,41 @@ class ActiveRun:
 
     def log_model(
         self,
-        local_path: str | Path,
+        model: str | Path | Any,
         *,
         name: str,
+        example: Any = None,
         artifact_path: str = "model.onnx",
         register: bool = True,
         description: str = "",
+        atol: float = DEFAULT_ATOL,
+        rtol: float = DEFAULT_RTOL,
     ) -> ModelVersion | None:
-        """Store an ONNX file as an artifact and (by default) register it as a model version.
+        """Store a model as an ONNX artifact and (by default) register it as a model version.
 
-        The file is checked before anything is stored, and nothing is stored when it is refused:
-        it must be a servable ONNX model. Weights in an external data file next to it (torch's
+        ``model`` is an ONNX file, or an object shipyard converts to ONNX itself: a fitted
+        scikit-learn estimator or Pipeline (skl2onnx), a ``torch.nn.Module`` in eval mode, a
+        ``torch.export.ExportedProgram``, or a ``.pt2`` file saved by ``torch.export.save``
+        (see ``shipyard.tracking.convert``). ``example`` is a few rows of real input (required
+        for estimators and modules): a converted model is run on it with ONNX Runtime and
+        compared with the source model, and refused when any value differs by more than
+        ``atol + rtol * |value|``. The version keeps the signature, the first rows of the
+        example and that parity check. No pickle is written or read.
+
+        The model is checked (and converted) before anything is stored, and nothing is stored
+        when it is refused. Weights in an external data file next to an ONNX file (torch's
         default ``model.onnx.data`` sidecar) are bundled in: the stored model is self-contained.
         """
         validate_name(name, field="name")
         validate_relative_path(artifact_path, field="artifact_path")
-        content = bundle_onnx_file(local_path, field="local_path")  # raises before storing
+        signature = None
+        if is_convertible(model):
+            converted = convert_model(model, example=example, atol=atol, rtol=rtol)
+            content, signature = converted.content, converted.signature
+        else:
+            content = bundle_onnx_file(model, field="local_path")  # raises before storing
+            if example is not None:
+                signature = with_example(content, example)
         self.flush()  # the version records the run's latest metrics
         with tempfile.TemporaryDirectory(prefix="shipyard-model-") as tmp:
             checked = Path(tmp) / "model.onnx"
@@ -320,6 +346,8 @@ class ActiveRun:
             run_id=self.id,
             artifact_path=artifact_path,
             description=description,
+            example=signature.example if signature is not None else None,
+            parity=signature.parity if signature is not None else None,
         )
 
     def use_dataset(self, name: str, version: int | str | None = None) -> DatasetVersion:

@@ -609,14 +609,14 @@ def _verify_blobs(ctx: Context, files: Sequence[FileEntry], *, skip: frozenset[s
 
 def _manifest_columns(ctx: Context, digest: str) -> dict[str, tuple[str, int]]:
     """A (hash-verified) manifest as ``path -> (digest, size)``, without an object per file."""
-    table = pq.read_table(pa.BufferReader(ctx.blobs.get_bytes(digest)))
+    table = pq.ParquetFile(pa.BufferReader(ctx.blobs.get_bytes(digest))).read()
     columns = table.select(MANIFEST_SCHEMA.names).to_pydict()
     pairs = zip(columns["digest"], columns["size"], strict=True)
     return dict(zip(columns["path"], pairs, strict=True))
 
 
 def _read_manifest(ctx: Context, digest: str) -> list[FileEntry]:
-    table = pq.read_table(pa.BufferReader(ctx.blobs.get_bytes(digest)))
+    table = pq.ParquetFile(pa.BufferReader(ctx.blobs.get_bytes(digest))).read()
     columns = table.select(MANIFEST_SCHEMA.names).to_pydict()
     # our own manifest, hash-verified: its rows were validated when it was written
     trusted = FileEntry.trusted

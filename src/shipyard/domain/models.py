@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import enum
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from shipyard.domain.names import validate_relative_path
-from shipyard.errors import ShipyardError
+from shipyard.errors import InvalidInputError, ShipyardError
+
+_MAX_INT64 = 2**63 - 1
 
 
 class Model(BaseModel):
@@ -158,9 +160,42 @@ class ModelSignatureTensor(Model):
     shape: list[int]  # -1 for a dynamic dimension
 
 
+class ModelExampleTensor(Model):
+    """One input of a version's example, as an Open Inference Protocol (v2) tensor: ``data`` is
+    the flat row-major contents (``BYTES`` as strings), ``shape`` the full shape."""
+
+    name: str
+    datatype: str
+    shape: list[Annotated[int, Field(ge=0, le=_MAX_INT64)]]
+    data: list[Any]
+
+
+class ModelParity(Model):
+    """How closely the stored ONNX model reproduces the model it was converted from.
+
+    Measured on the example at registration: ``max_abs_diff`` is the largest absolute
+    difference over every numeric output, and the check passed when every element satisfied
+    ``|onnx - source| <= atol + rtol * |source|`` and every non-numeric output (class labels)
+    was equal. ``outputs`` holds each output's own largest difference.
+    """
+
+    source: str  # "sklearn" | "torch.export" | "torch.nn.Module"
+    source_type: str  # the converted object's class, e.g. "sklearn.pipeline.Pipeline"
+    max_abs_diff: float
+    atol: float
+    rtol: float
+    checked_rows: int = Field(ge=0, le=_MAX_INT64)
+    outputs: dict[str, float] = Field(default_factory=dict)
+    label_mismatches: int = Field(default=0, ge=0, le=_MAX_INT64)
+
+
 class ModelSignature(Model):
     inputs: list[ModelSignatureTensor]
     outputs: list[ModelSignatureTensor]
+    # A small example input (at most a few rows) and the parity check against the source model;
+    # present for models shipyard converted itself (``run.log_model(estimator, example=...)``).
+    example: list[ModelExampleTensor] | None = None
+    parity: ModelParity | None = None
 
 
 class RegisteredModel(Model):
@@ -332,10 +367,150 @@ class Job(Model):
 
 
 class DeploymentStatus(str, enum.Enum):
-    STARTING = "starting"
-    RUNNING = "running"
+    STARTING = "starting"  # no target serves yet: replicas are starting (or backing off)
+    RUNNING = "running"  # every serving target has a ready replica
     STOPPED = "stopped"
-    FAILED = "failed"
+    FAILED = "failed"  # nothing serves: the replicas could not start
+
+
+def _bounds(lo: float, hi: float) -> Any:
+    """The OpenAPI bounds of a spec field; ``check_deployment_spec`` enforces them, with an
+    error that names the field, so pydantic does not check them twice."""
+    return Field(json_schema_extra={"minimum": lo, "maximum": hi})
+
+
+class DeploymentTarget(Model):
+    """One target of a deployment: a model version (a number) or an alias the deployment
+    follows, the share of traffic it gets (percent), or a shadow that sees a copy of it."""
+
+    version: Annotated[int, _bounds(1, 2**31 - 1)] | None = None
+    alias: str | None = None
+    weight: Annotated[int, _bounds(0, 100)] = 100
+    shadow: bool = False
+
+
+class ReplicaBounds(Model):
+    """How many replicas each target runs: at least ``min`` (kept running), at most ``max``."""
+
+    min: Annotated[int, _bounds(1, 64)] = 1
+    max: Annotated[int, _bounds(1, 64)] = 1
+
+
+class ReplicaResources(Model):
+    """What one replica gets: ``cpus`` model threads, ``gpus`` devices (0: CPU only)."""
+
+    cpus: Annotated[int, _bounds(1, 256)] = 1
+    gpus: Annotated[int, _bounds(0, 16)] = 0
+
+
+class BatchingSpec(Model):
+    """The replica's adaptive batcher: up to ``max_batch`` rows per model call, waiting at most
+    ``wait_ms`` for a batch to fill."""
+
+    max_batch: Annotated[int, _bounds(1, 4096)] = 32
+    wait_ms: Annotated[float, _bounds(0, 10_000)] = 5.0
+
+
+class DeploymentSpec(Model):
+    """A deployment's desired state; the reconciler (``serving.reconciler``) makes it so."""
+
+    targets: list[DeploymentTarget] = Field(
+        default_factory=lambda: [DeploymentTarget(alias="production")]
+    )
+    replicas: ReplicaBounds = Field(default_factory=ReplicaBounds)
+    resources: ReplicaResources = Field(default_factory=ReplicaResources)
+    batching: BatchingSpec = Field(default_factory=BatchingSpec)
+
+
+MAX_TARGETS = 8
+MAX_REPLICAS = 64
+
+
+def check_deployment_spec(spec: DeploymentSpec) -> None:
+    """Raise InvalidInputError naming the first field of ``spec`` that is out of bounds.
+
+    Weights are percentages: the non-shadow targets' weights sum to 100 and at least one target
+    is not a shadow. Each target names exactly one of ``version`` and ``alias``.
+    """
+    if not 1 <= len(spec.targets) <= MAX_TARGETS:
+        raise _spec_error(f"a deployment has 1 to {MAX_TARGETS} targets", "targets")
+    for i, target in enumerate(spec.targets):
+        field = f"targets[{i}]"
+        if (target.version is None) == (target.alias is None):
+            raise _spec_error(
+                f"{field} must name exactly one of version (a number) and alias", field
+            )
+        if target.version is not None and not 1 <= target.version <= 2**31 - 1:
+            raise _spec_error(f"{field}.version must be a positive version number", field)
+        if not 0 <= target.weight <= 100:
+            raise _spec_error(f"{field}.weight must be a percentage (0-100)", f"{field}.weight")
+    serving = [t for t in spec.targets if not t.shadow]
+    if not serving:
+        raise _spec_error("at least one target must take traffic (not a shadow)", "targets")
+    total = sum(t.weight for t in serving)
+    if total != 100:
+        weights = " + ".join(str(t.weight) for t in serving)
+        raise _spec_error(
+            f"the weights of the non-shadow targets must sum to 100, and {weights} = {total}; "
+            "give each target its share of traffic in percent",
+            "targets",
+        )
+    bounds = spec.replicas
+    if not 1 <= bounds.min <= MAX_REPLICAS:
+        raise _spec_error(f"replicas.min must be between 1 and {MAX_REPLICAS}", "replicas.min")
+    if not bounds.min <= bounds.max <= MAX_REPLICAS:
+        raise _spec_error(
+            f"replicas.max must be between replicas.min ({bounds.min}) and {MAX_REPLICAS}",
+            "replicas.max",
+        )
+    if not 1 <= spec.resources.cpus <= 256:
+        raise _spec_error("resources.cpus must be between 1 and 256", "resources.cpus")
+    if not 0 <= spec.resources.gpus <= 16:
+        raise _spec_error("resources.gpus must be between 0 and 16", "resources.gpus")
+    if not 1 <= spec.batching.max_batch <= 4096:
+        raise _spec_error("batching.max_batch must be between 1 and 4096", "batching.max_batch")
+    if not 0 <= spec.batching.wait_ms <= 10_000:
+        raise _spec_error("batching.wait_ms must be between 0 and 10000", "batching.wait_ms")
+
+
+def _spec_error(message: str, field: str) -> ShipyardError:
+    return InvalidInputError(message, field=field)
+
+
+class ServingTarget(Model):
+    """A target resolved to a version: what the gateway splits traffic over."""
+
+    version: int
+    weight: int
+    shadow: bool = False
+    alias: str | None = None  # the alias it was resolved from, if any
+
+
+class DeploymentRollout(Model):
+    """A move of traffic under way (``error`` None), or the last one that failed and why."""
+
+    to: list[ServingTarget]
+    error: str | None = None
+
+
+class ReplicaState(str, enum.Enum):
+    STARTING = "starting"
+    READY = "ready"
+    DRAINING = "draining"  # out of the traffic split, finishing what it has, then stopped
+    FAILED = "failed"  # exited or stopped answering; restarted after a backoff
+    STOPPED = "stopped"
+
+
+class Replica(Model):
+    id: str
+    version: int
+    state: ReplicaState
+    url: str | None
+    pid: int | None
+    restarts: int
+    message: str
+    started_at: datetime | None
+    next_restart_at: datetime | None = None
 
 
 class Deployment(Model):
@@ -343,14 +518,40 @@ class Deployment(Model):
     project: str
     name: str
     model: str
-    alias: str | None
-    version: int
+    alias: str | None  # the alias of the main target (the heaviest non-shadow), if it has one
+    version: int  # the main target's version
     status: DeploymentStatus
-    url: str | None
-    pid: int | None
+    url: str | None  # where to send OIP requests: the server's gateway, or a ready replica
+    pid: int | None  # a ready replica's pid (see ``replicas`` for all of them)
     message: str
     created_at: datetime
     created_by: str
+    spec: DeploymentSpec = Field(default_factory=DeploymentSpec)
+    targets: list[ServingTarget] = Field(default_factory=list)  # what serves now
+    replicas: list[Replica] = Field(default_factory=list)
+    rollout: DeploymentRollout | None = None
+
+    def settled(self) -> bool:
+        """Whether the reconciler is done with it for now: stopped; failed with nothing to
+        serve; its rollout failed; or running with every serving target at its replica count
+        and nothing draining. (Failed replicas of a version that serves are being restarted.)"""
+        if self.status is DeploymentStatus.STOPPED:
+            return True
+        if self.rollout is not None and self.rollout.error is not None:
+            return True
+        if self.status is DeploymentStatus.FAILED:
+            return not self.targets
+        if self.rollout is not None:
+            return False
+        if self.status is not DeploymentStatus.RUNNING:
+            return False
+        ready: dict[int, int] = {}
+        for replica in self.replicas:
+            if replica.state is ReplicaState.READY:
+                ready[replica.version] = ready.get(replica.version, 0) + 1
+            elif replica.state is ReplicaState.DRAINING:
+                return False
+        return all(ready.get(t.version, 0) >= self.spec.replicas.min for t in self.targets)
 
 
 # --- lineage, audit, security -------------------------------------------------------------------

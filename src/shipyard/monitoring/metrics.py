@@ -3,7 +3,10 @@
 Each app gets its own :class:`CollectorRegistry` (no process-global state, so two apps in one
 process - or a test that builds many - never share or clash on collectors). HTTP requests are
 counted by method, route *template* (``/api/v1/runs/{run_id}``, never the raw path, so ids cannot
-blow up the label space) and status, with a latency histogram. The state gauges (jobs by state,
+blow up the label space) and status ``code`` (the label the replicas' request counters use too),
+with a latency histogram. The process itself is exported as well (``process_*``: CPU, resident
+memory, open files; ``python_info``, ``python_gc_*``), as prometheus_client's default collectors
+do for its global registry. The state gauges (jobs by state,
 runs by status, models, versions, deployments, datasets) are not kept in memory: the custom
 collector counts them in the database on every scrape, so they are right even when other
 processes (the CLI, job supervisors) change the store.
@@ -16,7 +19,15 @@ import time
 from collections.abc import Iterable, Iterator
 from enum import Enum
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
@@ -53,7 +64,7 @@ class ServerMetrics:
         self.requests = Counter(
             "shipyard_http_requests",
             "HTTP requests answered, by method, route template and status code.",
-            ["method", "route", "status"],
+            ["method", "route", "code"],
             registry=self.registry,
         )
         self.latency = Histogram(
@@ -63,15 +74,25 @@ class ServerMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        add_process_collectors(self.registry)
         if ctx is not None:
             self.registry.register(StoreCollector(ctx))
 
-    def observe(self, *, method: str, route: str, status: int, seconds: float) -> None:
-        self.requests.labels(method, route, str(status)).inc()
+    def observe(self, *, method: str, route: str, code: int, seconds: float) -> None:
+        self.requests.labels(method, route, str(code)).inc()
         self.latency.labels(method, route).observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def add_process_collectors(registry: CollectorRegistry) -> None:
+    """Export the running process on ``registry``: ``process_*`` (CPU seconds, resident and
+    virtual memory, open and max file descriptors, start time; Linux only), ``python_info`` and
+    ``python_gc_*`` - what prometheus_client puts on its global registry by default."""
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
 
 
 class StoreCollector(Collector):
@@ -161,7 +182,7 @@ class MetricsMiddleware:
             self.metrics.observe(
                 method=scope["method"],
                 route=route_template(scope),
-                status=status,
+                code=status,
                 seconds=time.perf_counter() - start,
             )
 

@@ -17,7 +17,18 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
 
 from shipyard.domain.checkpoints import CheckpointKind
-from shipyard.domain.models import JobSpec, RejectedPoint, RunStatus
+from shipyard.domain.models import (
+    BatchingSpec,
+    DeploymentSpec,
+    DeploymentTarget,
+    JobSpec,
+    ModelExampleTensor,
+    ModelParity,
+    RejectedPoint,
+    ReplicaBounds,
+    ReplicaResources,
+    RunStatus,
+)
 from shipyard.domain.names import MAX_PATH_LEN, NAME_MAX_LEN, NAME_PATTERN, PATH_PATTERN
 
 MAX_INT64 = 2**63 - 1  # the largest integer SQLite (and PostgreSQL's BIGINT) stores
@@ -181,6 +192,9 @@ class RegisterModelVersionRequest(Request):
     digest: Digest | None = None
     format: Annotated[str, Field(max_length=32)] = "onnx"
     description: str = Field(default="", max_length=100_000)
+    # a few rows of input and the SDK's parity check of a model it converted (tracking.convert)
+    example: list[ModelExampleTensor] | None = Field(default=None, max_length=64)
+    parity: ModelParity | None = None
 
 
 def _version_or_ref(value: int | str) -> int | str:
@@ -229,11 +243,29 @@ class JobLogsResponse(BaseModel):
 
 
 class CreateDeploymentRequest(Request):
+    """Either ``spec`` (targets, replicas, resources, batching), or the one-target shorthand
+    ``ref`` (default ``production``) with ``max_batch_size``/``max_wait_ms``."""
+
     name: Name
     model: Name
-    ref: Ref = "production"
-    max_batch_size: int = Field(default=32, ge=1, le=4096)
-    max_wait_ms: float = Field(default=5.0, ge=0, le=10_000)
+    ref: Ref | None = None
+    max_batch_size: int | None = Field(default=None, ge=1, le=4096)
+    max_wait_ms: float | None = Field(default=None, ge=0, le=10_000)
+    spec: DeploymentSpec | None = None
+
+
+class UpdateDeploymentRequest(Request):
+    """The parts of a deployment's spec to change; the rest stays."""
+
+    targets: list[DeploymentTarget] | None = Field(default=None, max_length=8)
+    replicas: ReplicaBounds | None = None
+    resources: ReplicaResources | None = None
+    batching: BatchingSpec | None = None
+
+
+class ScaleDeploymentRequest(Request):
+    min: int = Field(ge=1, le=64)
+    max: int | None = Field(default=None, ge=1, le=64)
 
 
 class DatasetDiff(BaseModel):

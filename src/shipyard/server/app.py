@@ -63,18 +63,23 @@ from shipyard.server.routers import (
     blobs,
     datasets,
     deployments,
+    inference,
     lineage,
     members,
     models,
     nodes,
     pages,
     projects,
+    prometheus,
     queues,
     runs,
     tokens,
     users,
 )
 from shipyard.server.routers import jobs as jobs_router
+from shipyard.serving import deployments as deployments_service
+from shipyard.serving import reconciler
+from shipyard.serving.gateway import Gateway
 from shipyard.settings import Settings
 from shipyard.tracking.runs import mark_crashed_runs, run_grace_s
 
@@ -105,6 +110,7 @@ API_ROUTERS: tuple[APIRouter, ...] = (
     tokens.router,
     nodes.router,
     queues.router,
+    prometheus.router,
 )
 
 
@@ -147,10 +153,11 @@ def create_app(
         title="shipyard",
         version=__version__,
         summary="Self-hosted AI infrastructure: data, jobs, tracking, registry, serving.",
-        lifespan=_lifespan(ctx, tick=admission.step if scheduler else None),
+        lifespan=_lifespan(ctx, tick=admission.step if scheduler else None, reconcile=scheduler),
         responses=ERROR_RESPONSES,  # every error has one JSON shape: documented on every route
     )
     app.state.ctx = ctx
+    app.state.gateway = Gateway(ctx)  # the inference front door (routers/inference.py)
     app.state.metrics = metrics
     app.state.auth = enabled
     install_error_handlers(app)
@@ -158,6 +165,7 @@ def create_app(
 
     for router in API_ROUTERS:
         app.include_router(router)
+    app.include_router(inference.router)
     app.include_router(_service_router(metrics))
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
@@ -305,7 +313,9 @@ def _service_router(metrics: ServerMetrics) -> APIRouter:
     return router
 
 
-def _lifespan(ctx: Context, *, tick: Callable[[Context], Any] | None) -> Any:
+def _lifespan(
+    ctx: Context, *, tick: Callable[[Context], Any] | None, reconcile: bool = True
+) -> Any:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         _sweep_uploads(ctx)
@@ -334,9 +344,29 @@ def _lifespan(ctx: Context, *, tick: Callable[[Context], Any] | None) -> Any:
             what="the sweep of runs without heartbeats",
         )
         sweeper.start()
+        # deployments: replicas started, health-checked, restarted and drained to match specs
+        reconcile_loop = (
+            _Ticker(
+                reconciler.reconcile_once,
+                ctx.as_actor(reconciler.ACTOR),
+                interval=reconciler.INTERVAL_S,
+                name="shipyard-reconciler",
+                what="the deployments' reconcile pass",
+                wake=deployments_service.WAKE,
+            )
+            if reconcile
+            else None
+        )
+        if reconcile_loop is not None:
+            reconcile_loop.start()
+            reconciler.background(True)
         try:
             yield
         finally:
+            if reconcile_loop is not None:
+                reconciler.background(False)
+                reconcile_loop.stop()
+            await app.state.gateway.aclose()
             sweeper.stop()
             if ticker is not None:
                 admission.background(False)

@@ -51,6 +51,7 @@ WORKDIR_SWEEP_AGE_S = 60.0
 
 # Replicas started by this process (reaped, and asked directly whether they still run).
 _children = Children()
+_exited: dict[int, int] = {}  # exit statuses of reaped replicas, by pid (bounded)
 
 
 @dataclass(frozen=True)
@@ -106,14 +107,20 @@ def spawn_replica(
     max_batch_size: int = 32,
     max_wait_ms: float = 5.0,
     max_body_bytes: int | None = None,
+    threads: int | None = None,
+    log_name: str = LOG_NAME,
 ) -> ReplicaProcess:
-    """Bind 127.0.0.1:0, start ``python -m shipyard.serving.replica --fd`` on it; do not wait."""
+    """Bind 127.0.0.1:0, start ``python -m shipyard.serving.replica --fd`` on it; do not wait.
+
+    ``threads``: the model's intra-op threads (the replica's default when None); ``log_name``:
+    the log file in the deployment's folder (one per replica slot when a deployment has several).
+    """
     validate_name(name, field="name")
     if max_batch_size < 1 or max_batch_size > 4096:
         raise InvalidInputError("max_batch_size must be between 1 and 4096", field="max_batch_size")
     if max_wait_ms < 0 or max_wait_ms > 10_000:
         raise InvalidInputError("max_wait_ms must be between 0 and 10000", field="max_wait_ms")
-    log_path = replica_log_path(ctx, name=name, project=project)
+    log_path = replica_log_path(ctx, name=name, project=project, log_name=log_name)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     reap_exited()
     sweep_workdirs()
@@ -140,6 +147,8 @@ def spawn_replica(
         ]  # fmt: skip
         if max_body_bytes is not None:
             command += ["--max-body-bytes", str(max_body_bytes)]
+        if threads is not None:
+            command += ["--threads", str(threads)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with open(log_path, "ab") as log:
             offset = log.tell()
@@ -252,16 +261,36 @@ def is_alive(pid: int | None, create_time: float | None) -> bool:
 
 
 def exit_code(pid: int) -> int | None:
-    """The exit status of a replica this process started, once it has exited; else None."""
+    """The exit status of a replica this process started, once it has exited; else None
+    (-1: another process's replica that is gone, its status unknown here)."""
     if _children.get(pid) is None:
-        return None if psutil.pid_exists(pid) else -1
-    return _children.poll(pid)
+        if psutil.pid_exists(pid):
+            _exited.pop(pid, None)  # the pid was reused
+            return None
+        return _exited.get(pid, -1)
+    code = _children.poll(pid)
+    if code is not None:  # reaped and forgotten: remember the status for whoever asks next
+        if len(_exited) >= 1024:
+            _exited.pop(next(iter(_exited)))
+        _exited[pid] = code
+    return code
 
 
-def replica_log_path(ctx: Context, *, name: str, project: str | None = None) -> Path:
+def replica_log_path(
+    ctx: Context, *, name: str, project: str | None = None, log_name: str = LOG_NAME
+) -> Path:
     """``$SHIPYARD_HOME/deployments/<project>/<name>/replica.log`` (no project level if None)."""
-    relative = f"{project}/{name}/{LOG_NAME}" if project else f"{name}/{LOG_NAME}"
+    relative = f"{project}/{name}/{log_name}" if project else f"{name}/{log_name}"
     return safe_join(ctx.settings.deployments_dir, relative, field="name")
+
+
+def probe_ready(client: httpx.Client, url: str) -> bool:
+    """Whether the replica at ``url`` answers ``/v2/health/ready`` with 200 (within the
+    client's timeout); any transport error or other status is False."""
+    try:
+        return client.get(f"{url}/v2/health/ready").status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def log_tail(path: Path, *, offset: int = 0, max_bytes: int = 4000, max_lines: int = 30) -> str:

@@ -291,6 +291,32 @@ class DeploymentRow(Base):
     message: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime] = mapped_column(Timestamp, default=utcnow)
     created_by: Mapped[str] = mapped_column(String(128))
+    # the desired state (a DeploymentSpec), what serves now (ServingTarget list), and the
+    # rollout in progress or the last one that failed ({"to": [...], "error": str | None})
+    spec: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    serving: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True, default=list)
+    rollout: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+
+
+class DeploymentReplicaRow(Base):
+    """One replica slot of a deployment; a restart reuses the slot (``restarts`` counts them)."""
+
+    __tablename__ = "deployment_replicas"
+    __table_args__ = (Index("ix_deployment_replicas_deployment", "deployment_id"),)
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    deployment_id: Mapped[str] = mapped_column(ForeignKey("deployments.id"))
+    version: Mapped[int] = mapped_column(Integer)
+    url: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    create_time: Mapped[float | None] = mapped_column(Float, nullable=True)
+    state: Mapped[str] = mapped_column(String(16))
+    restarts: Mapped[int] = mapped_column(Integer, default=0)
+    next_restart_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+    message: Mapped[str] = mapped_column(Text, default="")
+    started_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+    ready_at: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+    drain_until: Mapped[datetime | None] = mapped_column(Timestamp, nullable=True)
+    log_offset: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
 class LineageEdgeRow(Base):

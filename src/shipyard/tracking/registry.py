@@ -13,7 +13,14 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from shipyard.context import Context, new_id
-from shipyard.domain.models import AliasEvent, ModelSignature, ModelVersion, RegisteredModel
+from shipyard.domain.models import (
+    AliasEvent,
+    ModelExampleTensor,
+    ModelParity,
+    ModelSignature,
+    ModelVersion,
+    RegisteredModel,
+)
 from shipyard.domain.names import validate_name, validate_relative_path
 from shipyard.domain.principals import Role
 from shipyard.errors import InvalidInputError, NotFoundError
@@ -32,6 +39,7 @@ from shipyard.store.tables import (
     aware,
     utcnow,
 )
+from shipyard.tracking.convert import check_example
 from shipyard.tracking.formats import parse_onnx, refuse_external_data, tensor_specs, to_signature
 from shipyard.tracking.runs import latest_metrics
 
@@ -50,8 +58,15 @@ def register_version(
     digest: str | None = None,
     format: str = "onnx",
     description: str = "",
+    example: list[ModelExampleTensor] | None = None,
+    parity: ModelParity | None = None,
 ) -> ModelVersion:
-    """Register a new version of ``model`` from a run's artifact or a stored blob."""
+    """Register a new version of ``model`` from a run's artifact or a stored blob.
+
+    ``example`` (a few rows of input, checked against the graph's inputs) and ``parity`` (how
+    the SDK's conversion matched its source model, see ``tracking.convert``) are kept in the
+    version's signature.
+    """
     validate_name(model, field="model")
     authorize(ctx, project=project, need=Role.EDITOR, registers_model=True)
     if format not in SUPPORTED_FORMATS:
@@ -95,6 +110,9 @@ def register_version(
         require_refs(ctx, project=project, digests=[digest], field="digest")
     content = ctx.blobs.get_bytes(digest)  # verified; outside any transaction
     signature = _signature(format, content, field="digest" if named_digest else "artifact_path")
+    if example is not None:
+        check_example(signature, example)
+    signature = signature.model_copy(update={"example": example, "parity": parity})
     with ctx.db.transaction() as s:
         pid = project_id(s, project, create=True)
         add_refs(s, project_pk=pid, digests=[digest])
@@ -124,7 +142,7 @@ def register_version(
             format=format,
             artifact_digest=digest,
             artifact_size=len(content),
-            signature=signature.model_dump(),
+            signature=signature.model_dump(mode="json"),
             metrics=metrics,
             source_run_id=run_id,
             description=description,

@@ -1,5 +1,6 @@
 """Deployments (``/projects/{project}/deployments``): thin HTTP over
-``shipyard.serving.deployments``."""
+``shipyard.serving.deployments``. Every write records the desired state and returns at once;
+the server's reconciler makes it so (watch ``status``, ``replicas`` and ``rollout``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,12 @@ from typing import Annotated
 from fastapi import APIRouter
 
 from shipyard.domain.models import Deployment
-from shipyard.schemas import CreateDeploymentRequest, ErrorBody
+from shipyard.schemas import (
+    CreateDeploymentRequest,
+    ErrorBody,
+    ScaleDeploymentRequest,
+    UpdateDeploymentRequest,
+)
 from shipyard.server.deps import PROJECT_PREFIX, Ctx, ProjectPath, name_path
 from shipyard.serving import deployments
 
@@ -28,6 +34,7 @@ def deploy(project: ProjectPath, body: CreateDeploymentRequest, ctx: Ctx) -> Dep
         name=body.name,
         model=body.model,
         ref=body.ref,
+        spec=body.spec,
         max_batch_size=body.max_batch_size,
         max_wait_ms=body.max_wait_ms,
     )
@@ -41,6 +48,30 @@ def list_deployments(project: ProjectPath, ctx: Ctx) -> list[Deployment]:
 @router.get("/{name}")
 def get_deployment(project: ProjectPath, name: DeploymentName, ctx: Ctx) -> Deployment:
     return deployments.get_deployment(ctx, project=project, name=name)
+
+
+@router.patch("/{name}", responses={409: {"model": ErrorBody}})
+def update_deployment(
+    project: ProjectPath, name: DeploymentName, body: UpdateDeploymentRequest, ctx: Ctx
+) -> Deployment:
+    return deployments.update_deployment(
+        ctx,
+        project=project,
+        name=name,
+        targets=body.targets,
+        replicas=body.replicas,
+        resources=body.resources,
+        batching=body.batching,
+    )
+
+
+@router.post("/{name}/scale", responses={409: {"model": ErrorBody}})
+def scale_deployment(
+    project: ProjectPath, name: DeploymentName, body: ScaleDeploymentRequest, ctx: Ctx
+) -> Deployment:
+    return deployments.scale_deployment(
+        ctx, project=project, name=name, min_replicas=body.min, max_replicas=body.max
+    )
 
 
 @router.post("/{name}/stop", responses={409: {"model": ErrorBody}})

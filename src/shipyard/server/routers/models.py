@@ -44,6 +44,8 @@ def register_version(
         digest=body.digest,
         format=body.format,
         description=body.description,
+        example=body.example,
+        parity=body.parity,
     )
 
 
