@@ -301,12 +301,6 @@ def _scrape_after_one_request(served: Served) -> tuple[dict[str, Any], dict[str,
     return group, {f.name: f for f in text_string_to_metric_families(text)}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="replica.py must label its series deployment=<deployment name> and "
-    "model=<registered model name> (today its 'model' is the deployment's name and it has no "
-    "'deployment'); remove this mark once it does",
-)
 def test_the_replica_labels_agree_with_its_target(served: Served) -> None:
     group, families = _scrape_after_one_request(served)
     (sample,) = [
@@ -320,11 +314,6 @@ def test_the_replica_labels_agree_with_its_target(served: Served) -> None:
     assert set(ready.labels) == {"deployment", "model", "version"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="replica.py must export shipyard_serving_in_flight_requests (a gauge of requests "
-    "being answered) for the dashboard's in-flight panel; remove this mark once it does",
-)
 def test_the_replica_exports_every_metric_the_rules_and_dashboard_read(served: Served) -> None:
     _, families = _scrape_after_one_request(served)
     exported = {s.name for f in families.values() for s in f.samples}

@@ -18,6 +18,10 @@ from tests.onnx_models import linear_model
 from tests.serving.gateway_helpers import Load, ThreadServer
 from tests.serving.test_deployments import stop_stray_replicas
 
+# The tests share one server and run in order (the second starts where the first's rollout
+# left it), so xdist keeps them on one worker.
+pytestmark = pytest.mark.xdist_group("rollout")
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadServer]:

@@ -35,7 +35,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import numpy as np
@@ -80,6 +80,7 @@ __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
     "GrpcServer",
     "GrpcServerThread",
+    "InferObserver",
     "InferenceServicer",
     "decode_infer_request",
     "encode_infer_response",
@@ -88,13 +89,25 @@ __all__ = [
 ]
 
 
+class InferObserver(Protocol):
+    """Told of every ModelInfer call, e.g. by the replica to count it in its own metrics."""
+
+    def infer_started(self) -> None:
+        """A ModelInfer call arrived (before anything is checked)."""
+
+    def infer_finished(self, error: BaseException | None, seconds: float) -> None:
+        """It was answered (``error`` None), refused or failed (``error``: what was raised;
+        ``asyncio.CancelledError`` when the client went away), ``seconds`` after it arrived."""
+
+
 class InferenceServicer:
     """The service's handlers for one model version.
 
     ``model`` may be None while it loads (ServerReady and ModelReady say false, ModelInfer is
     UNAVAILABLE); :meth:`activate` hands it over once loaded. With a ``batcher`` (running in the
     server's event loop) ModelInfer submits to it; without one it calls ``model.predict`` on a
-    worker thread. ``stats`` is shared with whoever else serves the model (the REST replica).
+    worker thread. ``stats`` is shared with whoever else serves the model (the REST replica);
+    ``observer``, if given, is told of every ModelInfer call.
     """
 
     def __init__(
@@ -110,6 +123,7 @@ class InferenceServicer:
         max_wait_ms: float | None = None,
         workers: int = 1,
         server_version: str | None = None,
+        observer: InferObserver | None = None,
     ) -> None:
         self.name = name
         self.version = version
@@ -121,6 +135,7 @@ class InferenceServicer:
         self.max_batch_size = max_batch_size
         self.max_wait_ms = max_wait_ms
         self.server_version = server_version or _package_version()
+        self.observer = observer
         self._workers = workers
         self._executor: ThreadPoolExecutor | None = None
 
@@ -243,7 +258,21 @@ class InferenceServicer:
 
     # --- inference --------------------------------------------------------------------------
 
-    async def model_infer(self, request: Any, _context: Any) -> Message:
+    async def model_infer(self, request: Any, context: Any) -> Message:
+        observer = self.observer
+        if observer is None:
+            return await self._model_infer(request, context)
+        started = time.perf_counter()
+        observer.infer_started()
+        try:
+            response = await self._model_infer(request, context)
+        except BaseException as exc:
+            observer.infer_finished(exc, time.perf_counter() - started)
+            raise
+        observer.infer_finished(None, time.perf_counter() - started)
+        return response
+
+    async def _model_infer(self, request: Any, _context: Any) -> Message:
         started = time.perf_counter_ns()
         model = self._loaded(request.model_name, request.model_version)
         rows = 1
@@ -456,11 +485,13 @@ async def start_grpc_server(
     max_batch_size: int = 1,
     max_wait_ms: float | None = None,
     workers: int = 1,
+    observer: InferObserver | None = None,
 ) -> GrpcServer:
     """Start the service in the running event loop, bound to ``host:port`` (0: a free port).
 
     ``batcher``, if given, must run in this loop. ``max_batch_size``/``max_wait_ms`` are what
-    the model configuration reports when no batcher is given.
+    the model configuration reports when no batcher is given. ``model`` may be None (still
+    loading): hand it over later with ``servicer.activate``.
     """
     _require_loopback(host)
     if max_message_bytes < 1:
@@ -477,6 +508,7 @@ async def start_grpc_server(
         max_batch_size=max_batch_size,
         max_wait_ms=max_wait_ms,
         workers=workers,
+        observer=observer,
     )
     server = grpc.aio.server(
         options=[

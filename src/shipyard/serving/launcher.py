@@ -109,11 +109,18 @@ def spawn_replica(
     max_body_bytes: int | None = None,
     threads: int | None = None,
     log_name: str = LOG_NAME,
+    model_name: str | None = None,
+    grpc_port: int | None = None,
+    grpc_max_message_bytes: int | None = None,
 ) -> ReplicaProcess:
     """Bind 127.0.0.1:0, start ``python -m shipyard.serving.replica --fd`` on it; do not wait.
 
     ``threads``: the model's intra-op threads (the replica's default when None); ``log_name``:
     the log file in the deployment's folder (one per replica slot when a deployment has several).
+    ``name`` is the deployment's name (the replica's metrics carry it as ``deployment``);
+    ``model_name`` the registered model's (their ``model`` label; the deployment's name when
+    None). ``grpc_port`` (0: any free port) also serves gRPC; the replica prints the bound
+    port in its log (``replica.GRPC_LISTENING``).
     """
     validate_name(name, field="name")
     if max_batch_size < 1 or max_batch_size > 4096:
@@ -149,6 +156,13 @@ def spawn_replica(
             command += ["--max-body-bytes", str(max_body_bytes)]
         if threads is not None:
             command += ["--threads", str(threads)]
+        command += ["--deployment", name]
+        if model_name is not None:
+            command += ["--model-name", model_name]
+        if grpc_port is not None:
+            command += ["--grpc-port", str(grpc_port)]
+        if grpc_max_message_bytes is not None:
+            command += ["--grpc-max-message-bytes", str(grpc_max_message_bytes)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with open(log_path, "ab") as log:
             offset = log.tell()
@@ -307,6 +321,7 @@ def log_tail(path: Path, *, offset: int = 0, max_bytes: int = 4000, max_lines: i
 
 
 # --- helpers ------------------------------------------------------------------------------------
+
 
 
 def _workdir_of(pid: int) -> Path | None:

@@ -570,6 +570,7 @@ def _spawn(
         replica = launcher.spawn_replica(
             ctx,
             name=loaded.name,
+            model_name=loaded.model,
             digest=digest,
             version=version,
             project=loaded.project,

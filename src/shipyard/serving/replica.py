@@ -10,8 +10,25 @@ half-loaded.
 
 Endpoints: ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/{name}[/versions/
 {v}]``, ``.../ready``, ``POST .../infer`` and ``GET /metrics`` (Prometheus text: the replica's
-own counters and the process metrics). Routes are one line each in :meth:`ReplicaApp.routes`;
-the infer handler gets the raw body bytes and the headers. Errors follow the protocol:
+own counters and the process metrics), plus Triton's extensions as ``tritonclient`` calls them:
+``GET .../config`` (model configuration), ``GET /v2/models[/{name}[/versions/{v}]]/stats``
+(statistics, counted on the hot path without a lock) and ``POST /v2/repository/index``. Routes
+are one line each in :meth:`ReplicaApp.routes`; the infer handler gets the raw body bytes and
+the headers. An infer request with an ``Inference-Header-Content-Length`` header carries binary
+tensors (the binary tensor data extension, ``tritonclient.http``'s default; see ``binary``);
+outputs asked for with ``binary_data`` (or ``binary_data_output``) come back as raw bytes after
+the JSON header, whose length the response's ``Inference-Header-Content-Length`` gives. A plain
+JSON request pays nothing for this.
+
+With ``--grpc-port`` the replica also serves the KServe v2 / Triton gRPC API (``grpc_server``)
+in the same event loop, through the same model, batcher, statistics and metrics; it prints
+``shipyard replica: serving gRPC on HOST:PORT`` (:data:`GRPC_LISTENING`) once it listens, so
+``--grpc-port 0`` (any free port) can be read back from its log.
+
+Metrics carry ``deployment`` (``--deployment``), ``model`` (the registered model's name,
+``--model-name``, default ``--name``) and ``version``; request counts add ``code`` (a gRPC call
+counts with the HTTP status the same outcome gets), and ``shipyard_serving_in_flight_requests``
+is the number of requests being answered. Errors follow the protocol:
 ``{"error": "..."}`` with 400 for a bad request (also JSON nested deeper than 64 levels), 404
 for an unknown model or version (or path), 405 for a known path with another method, 408 for a
 body not received within ``--body-timeout`` seconds, 413 for a body over the limit and 429 with
@@ -67,8 +84,10 @@ from shipyard.errors import (
     PayloadTooLargeError,
     ShipyardError,
 )
+from shipyard.serving import binary, triton
 from shipyard.serving._http import HttpServer, Phase, Request, Response, Router, asgi
 from shipyard.serving.batcher import Batcher, OverloadedError
+from shipyard.serving.grpc_server import DEFAULT_MAX_MESSAGE_BYTES, GrpcServer, start_grpc_server
 from shipyard.serving.protocol import (
     InferenceRequest,
     decode_request,
@@ -87,6 +106,11 @@ DEFAULT_MAX_QUEUE_CALLS = 2.0
 CLIENT_GONE = 499  # the status counted (never sent) for a client that left before its answer
 _INLINE_DECODE_BYTES = 64 * 1024
 SERVER_NAME = "shipyard"
+GRPC_GRACE_S = 5.0
+# The line the replica prints once its gRPC service listens, then ``host:port``; the launcher
+# (or anyone reading the replica's log) takes the bound port from it.
+GRPC_LISTENING = "shipyard replica: serving gRPC on "
+_HEADER_LENGTH = binary.HEADER_LENGTH.lower()  # the request headers' names are lower case
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -126,15 +150,16 @@ class ReplicaMetrics:
     """The replica's Prometheus metrics: plain counters, rendered as text on scrape.
 
     Counting costs nanoseconds (no locks, no label lookups per request); ``render`` writes the
-    Prometheus text format with the same names, help texts and labels (``model``, ``version``,
-    ``deployment`` when known, plus ``code`` or ``reason``) as before, then the process metrics
-    of prometheus_client's process collector.
+    Prometheus text format with the same names, help texts and labels (``model``: the registered
+    model's name, ``version``, ``deployment`` when known, plus ``code`` or ``reason``) as
+    before, then the process metrics of prometheus_client's process collector.
     """
 
     def __init__(self, *, model: str, version: str, deployment: str | None = None) -> None:
         self.labels = {"model": model, "version": version}
         if deployment is not None:
             self.labels["deployment"] = deployment
+        self.in_flight: Callable[[], int] = lambda: 0
         self.requests: dict[int, int] = {}
         self.shed: dict[str, int] = {}
         self.request_latency = _Histogram(_LATENCY_BUCKETS)
@@ -189,6 +214,15 @@ class ReplicaMetrics:
             "shipyard_serving_model_ready", "gauge", "1 once the model is loaded and serving"
         )
         lines.append(f"shipyard_serving_model_ready{_labels(labels)} {float(self.ready)}")
+        lines += _family(
+            "shipyard_serving_in_flight_requests",
+            "gauge",
+            "Inference requests being answered (HTTP: body read, answer not sent yet; gRPC: "
+            "ModelInfer calls running)",
+        )
+        lines.append(
+            f"shipyard_serving_in_flight_requests{_labels(labels)} {float(self.in_flight())}"
+        )
         lines += _family(
             "shipyard_serving_shed_requests_total",
             "counter",
@@ -245,6 +279,8 @@ class ReplicaState:
     model: OnnxModel | None = None
     batcher: Batcher | None = None
     load_error: str | None = None
+    stats: triton.InferenceStats = field(default_factory=triton.InferenceStats)
+    grpc: GrpcServer | None = None  # the gRPC service of the same model, when started
     _load_task: asyncio.Task[None] | None = field(default=None, repr=False)
 
     @property
@@ -255,13 +291,20 @@ class ReplicaState:
         """Start serving ``model``: batching only when every input has a dynamic batch dim.
 
         The model is warmed up first, so ``ready`` means the first request is served at speed.
+        The gRPC service, if started, serves it through the same batcher.
         """
         await asyncio.to_thread(model.warm_up)
+        metrics, stats = self.metrics, self.stats
+
+        def on_batch(rows: int, seconds: float) -> None:
+            metrics.observe_batch(rows, seconds)
+            stats.observe_batch(rows, seconds)
+
         batcher = Batcher(
             model.predict,
             max_batch_size=self.max_batch_size if model.batchable else 1,
             max_wait_ms=self.max_wait_ms,
-            on_batch=self.metrics.observe_batch,
+            on_batch=on_batch,
             max_queue_rows=self.max_queue_rows,
             max_queue_ms=self.max_queue_ms,
             max_queue_calls=self.max_queue_calls,
@@ -270,6 +313,8 @@ class ReplicaState:
         await batcher.start()
         self.metrics.queued_rows = lambda: batcher.queued_rows
         self.model, self.batcher = model, batcher
+        if self.grpc is not None:
+            self.grpc.servicer.activate(model, batcher=batcher)
         self.metrics.ready = 1
 
     async def load_in_background(self, loader: Callable[[], OnnxModel]) -> None:
@@ -277,11 +322,15 @@ class ReplicaState:
             model = await asyncio.to_thread(loader)
         except Exception as exc:
             self.load_error = str(exc)
+            if self.grpc is not None:
+                self.grpc.servicer.loading_failed(self.load_error)
             return
         await self.activate(model)
 
     async def close(self) -> None:
         self.metrics.ready = 0
+        if self.grpc is not None:  # before the batcher stops: its calls in flight finish first
+            await self.grpc.stop(GRPC_GRACE_S)
         if self._load_task is not None:
             self._load_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -313,19 +362,31 @@ class ReplicaApp:
         self.router = Router()
         self.routes(self.router)
         self._datatypes: dict[str, str] = {}
+        # The HTTP inference requests being answered (body read), and the gRPC ones.
+        self._answering: set[Request] = set()
+        self._grpc_in_flight = 0
+        replica.metrics.in_flight = lambda: len(self._answering) + self._grpc_in_flight
 
     def routes(self, r: Router) -> None:
         """The routing table: one line per route."""
+        versioned = "/v2/models/{model_name}/versions/{model_version}"
         r.get("/v2", self.server_metadata)
         r.get("/v2/health/live", self.live)
         r.get("/v2/health/ready", self.ready)
+        r.get("/v2/models/stats", self.statistics)  # before /v2/models/{model_name}
         r.get("/v2/models/{model_name}", self.model_metadata)
-        r.get("/v2/models/{model_name}/versions/{model_version}", self.model_metadata)
+        r.get(versioned, self.model_metadata)
         r.get("/v2/models/{model_name}/ready", self.model_ready)
-        r.get("/v2/models/{model_name}/versions/{model_version}/ready", self.model_ready)
+        r.get(f"{versioned}/ready", self.model_ready)
+        r.get("/v2/models/{model_name}/config", self.model_config)
+        r.get(f"{versioned}/config", self.model_config)
+        r.get("/v2/models/{model_name}/stats", self.statistics)
+        r.get(f"{versioned}/stats", self.statistics)
         r.post("/v2/models/{model_name}/infer", self.infer, head=self.infer_head)
-        versioned = "/v2/models/{model_name}/versions/{model_version}"
         r.post(f"{versioned}/infer", self.infer, head=self.infer_head)
+        r.post("/v2/repository/index", self.repository_index)
+        r.post("/v2/repository/models/{model_name}/load", self.repository_refused)
+        r.post("/v2/repository/models/{model_name}/unload", self.repository_refused)
         r.get("/metrics", self.metrics)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -381,6 +442,10 @@ class ReplicaApp:
     def on_gone(self, request: Request, phase: Phase) -> None:
         if not _is_infer(request):
             return
+        if phase is Phase.WAITING:
+            if request not in self._answering:
+                return  # answered (and counted) just before the client left
+            self._answering.discard(request)
         client = f"{request.client[0]}:{request.client[1]}" if request.client else "?"
         _log.info(
             "client %s went away %s (%s %s); counted as %d",
@@ -395,7 +460,7 @@ class ReplicaApp:
     # --- routes --------------------------------------------------------------------------------
 
     def server_metadata(self, _request: Request) -> Response:
-        return _json({"name": SERVER_NAME, "version": _package_version(), "extensions": []})
+        return _json(triton.server_metadata(name=SERVER_NAME, version=_package_version()))
 
     def live(self, _request: Request) -> Response:
         return _json({"live": True})
@@ -425,6 +490,55 @@ class ReplicaApp:
             }
         )
 
+    def model_config(self, request: Request) -> Response:
+        """Triton's ``GET .../config``: the model configuration of the loaded model."""
+        state = self.replica
+        _check_target(state, request.params["model_name"], request.params.get("model_version"))
+        model, batcher = state.model, state.batcher
+        if model is None or batcher is None:
+            raise InvalidStateError(f"model {state.name!r} is not loaded yet")
+        return _json(
+            triton.model_config(
+                model,
+                name=state.name,
+                max_batch_size=batcher.max_batch_size,
+                max_queue_delay_us=round(batcher.max_wait * 1_000_000),
+            )
+        )
+
+    def statistics(self, request: Request) -> Response:
+        """Triton's ``GET /v2/models[/{m}[/versions/{v}]]/stats``, shared with gRPC."""
+        state = self.replica
+        name = request.params.get("model_name")
+        if name is not None:
+            _check_target(state, name, request.params.get("model_version"))
+        return _json(triton.model_statistics([(state.name, state.version, state.stats.snapshot())]))
+
+    def repository_index(self, request: Request) -> Response:
+        """Triton's ``POST /v2/repository/index`` (body ``{"ready": true}``: ready ones only)."""
+        state = self.replica
+        body = parse_json(request.body) if request.body.strip() else {}
+        if not isinstance(body, dict) or not isinstance(body.get("ready", False), bool):
+            raise InvalidInputError(
+                'the body must be empty or a JSON object like {"ready": true}', field="ready"
+            )
+        entry = triton.index_entry(
+            name=state.name,
+            version=state.version,
+            loaded=state.model is not None,
+            load_error=state.load_error,
+        )
+        return _json(triton.repository_index([entry], ready_only=body.get("ready", False)))
+
+    def repository_refused(self, request: Request) -> Response:
+        state = self.replica
+        return _error(
+            400,
+            f"this replica serves {state.name!r} version {state.version} only; models are "
+            f"loaded and unloaded by deploying them with shipyard (asked for "
+            f"{request.params['model_name']!r})",
+        )
+
     def metrics(self, _request: Request) -> Response:
         return Response(200, self.replica.metrics.render(), content_type=_PROMETHEUS)
 
@@ -438,17 +552,25 @@ class ReplicaApp:
         return None
 
     def infer(self, request: Request) -> Response | Awaitable[Response]:
-        """``POST .../infer``: decode, queue (or run) and answer; the body is complete."""
+        """``POST .../infer``: decode, queue (or run) and answer; the body is complete.
+
+        A body with an ``Inference-Header-Content-Length`` header carries binary tensors (the
+        binary tensor data extension); a plain JSON one takes the fast path, which only looks
+        for the ``binary_data``/``binary_data_output`` parameters when the request has
+        ``parameters`` or ``outputs`` at all.
+        """
         request.started = started = time.perf_counter()
+        self._answering.add(request)
         state = self.replica
         model, batcher = state.model, state.batcher
         try:
             if model is None or batcher is None:  # (checked at the head; gone since: stopping)
                 raise InvalidStateError(f"model {state.name!r} is not ready any more")
             body = request.body
+            header_length = request.headers.get(_HEADER_LENGTH)
             if len(body) > _INLINE_DECODE_BYTES:  # keep the event loop free while it parses
-                return self._infer_large(request, model, batcher)
-            decoded = _decode(body, model)
+                return self._infer_large(request, model, batcher, header_length)
+            decoded = _decode(body, model, header_length)
             outputs = batcher.enqueue(decoded.inputs)
         except Exception as exc:
             return self._finish(request, self._infer_error(exc))
@@ -462,21 +584,18 @@ class ReplicaApp:
         model, batcher = state.model, state.batcher
         if model is None or batcher is None or not batcher.running:
             raise InvalidStateError(f"model {state.name!r} is not ready yet")
-        if "inference-header-content-length" in request.headers:
-            raise InvalidInputError(
-                "the binary tensor data extension is not supported; send tensors as JSON "
-                "'data' (tritonclient: set_data_from_numpy(..., binary_data=False) and "
-                "InferRequestedOutput(..., binary_data=False))",
-                field="body",
-            )
+        if _HEADER_LENGTH in request.headers:  # a bad value is refused before the body is read
+            binary.parse_header_length(request.headers[_HEADER_LENGTH])
         batcher.admit()  # shed before reading and decoding anything
         return model, batcher
 
-    async def _infer_large(self, request: Request, model: OnnxModel, batcher: Batcher) -> Response:
+    async def _infer_large(
+        self, request: Request, model: OnnxModel, batcher: Batcher, header_length: str | None
+    ) -> Response:
         started = request.started
         try:
             with batcher.arriving():  # only now may a batch wait for this request
-                decoded = await asyncio.to_thread(_decode, request.body, model)
+                decoded = await asyncio.to_thread(_decode, request.body, model, header_length)
             outputs = batcher.enqueue(decoded.inputs)
         except Exception as exc:
             return self._finish(request, self._infer_error(exc))
@@ -486,24 +605,33 @@ class ReplicaApp:
         self,
         request: Request,
         model: OnnxModel,
-        decoded: InferenceRequest,
+        decoded: _Decoded,
         outputs: asyncio.Future[dict[str, np.ndarray]],
         started: float,
     ) -> asyncio.Future[Response]:
         """A future of the response, set when ``outputs`` is; cancelling it (the client left)
         cancels ``outputs``, which takes the request off the queue."""
         answer: asyncio.Future[Response] = outputs.get_loop().create_future()
+        queued = time.perf_counter()  # decoded and queued: the rest is the model's
 
         def done(result: asyncio.Future[dict[str, np.ndarray]]) -> None:
             if answer.done() or result.cancelled():
                 return
+            predicted = time.perf_counter()
             try:
                 error = result.exception()
-                response = (
-                    self._answer(model, decoded, result.result())
-                    if error is None
-                    else self._infer_error(error)
-                )
+                if error is None:
+                    response = self._answer(model, decoded, result.result())
+                    finished = time.perf_counter()
+                    self.replica.stats.record_success(
+                        triton.request_rows(decoded.inputs, batchable=model.batchable),
+                        finished - started,
+                        queued - started,
+                        predicted - queued,
+                        finished - predicted,
+                    )
+                else:
+                    response = self._infer_error(error)
             except Exception as exc:
                 response = self._infer_error(exc)
             answer.set_result(self._finish(request, response))
@@ -513,8 +641,10 @@ class ReplicaApp:
         return answer
 
     def _answer(
-        self, model: OnnxModel, decoded: InferenceRequest, outputs: dict[str, np.ndarray]
+        self, model: OnnxModel, decoded: _Decoded, outputs: dict[str, np.ndarray]
     ) -> Response:
+        if decoded.binary:
+            return self._answer_binary(decoded, outputs)
         datatypes = self._datatypes or {t.name: t.datatype for t in model.outputs}
         self._datatypes = datatypes
         body = encode_response(
@@ -527,6 +657,25 @@ class ReplicaApp:
         )
         return Response(200, body)
 
+    def _answer_binary(self, decoded: _Decoded, outputs: dict[str, np.ndarray]) -> Response:
+        """Outputs asked for in binary go as raw bytes after the JSON header, whose length the
+        ``Inference-Header-Content-Length`` response header gives."""
+        body, header_length = binary.encode_response(
+            {name: outputs[name] for name in decoded.outputs},
+            model_name=self.replica.name,
+            model_version=self.replica.version,
+            request_id=decoded.id if decoded.id is not None else os.urandom(16).hex(),
+            binary=decoded.binary,
+        )
+        if header_length is None:
+            return Response(200, body)
+        return Response(
+            200,
+            body,
+            content_type=binary.CONTENT_TYPE,
+            headers=((binary.HEADER_LENGTH, str(header_length)),),
+        )
+
     def _infer_error(self, exc: BaseException) -> Response:
         if isinstance(exc, OverloadedError):
             self.replica.metrics.count_shed(exc.reason)
@@ -538,6 +687,7 @@ class ReplicaApp:
         return _error(500, f"internal error: {type(exc).__name__}: {exc}")
 
     def _finish(self, request: Request, response: Response) -> Response:
+        self._answering.discard(request)
         self._count(request, response.status)
         return response
 
@@ -550,7 +700,33 @@ class ReplicaApp:
         metrics = self.replica.metrics
         metrics.count_request(status)
         if request.started:
-            metrics.request_latency.observe(time.perf_counter() - request.started)
+            elapsed = time.perf_counter() - request.started
+            metrics.request_latency.observe(elapsed)
+            if status != 200 and status != 404:  # (a 404 is not this model's request)
+                self.replica.stats.record_request(rows=1, ok=False, total_ns=int(elapsed * 1e9))
+
+    # --- gRPC ModelInfer calls (grpc_server.InferObserver) -------------------------------------
+
+    def infer_started(self) -> None:
+        self._grpc_in_flight += 1
+
+    def infer_finished(self, error: BaseException | None, seconds: float) -> None:
+        """Count a gRPC call as the HTTP request it stands for: its status code is the one the
+        same outcome gets over HTTP (499: the client went away)."""
+        self._grpc_in_flight -= 1
+        if error is None:
+            status = 200
+        elif isinstance(error, asyncio.CancelledError):
+            status = CLIENT_GONE
+        elif isinstance(error, ShipyardError):
+            status = _status_for(error)
+            if isinstance(error, OverloadedError):
+                self.replica.metrics.count_shed(error.reason)
+        else:
+            status = 500
+        metrics = self.replica.metrics
+        metrics.count_request(status)
+        metrics.request_latency.observe(seconds)
 
 
 def create_app(
@@ -568,6 +744,7 @@ def create_app(
     max_queue_calls: float | None = DEFAULT_MAX_QUEUE_CALLS,
     inline_below_ms: float = 0.2,
     deployment: str | None = None,
+    model_name: str | None = None,
 ) -> ReplicaApp:
     """The OIP v2 app for one model version.
 
@@ -577,7 +754,8 @@ def create_app(
     ``max_queue_ms``/``max_queue_calls`` bound the batcher's queue (None: that bound off);
     ``body_timeout_s`` bounds the time to receive a request body; model calls measured under
     ``inline_below_ms`` run on the event loop (0: always in the batcher's thread);
-    ``deployment`` adds that label to the metrics.
+    ``deployment`` adds that label to the metrics, whose ``model`` label is ``model_name`` (the
+    registered model's name; default: ``name``).
     """
     state = ReplicaState(
         name=name,
@@ -585,7 +763,9 @@ def create_app(
         max_batch_size=max_batch_size,
         max_wait_ms=max_wait_ms,
         max_body_bytes=max_body_bytes,
-        metrics=ReplicaMetrics(model=name, version=str(version), deployment=deployment),
+        metrics=ReplicaMetrics(
+            model=model_name or name, version=str(version), deployment=deployment
+        ),
         body_timeout_s=body_timeout_s,
         max_queue_rows=max_queue_rows,
         max_queue_ms=max_queue_ms,
@@ -602,7 +782,16 @@ def main(argv: list[str] | None = None) -> int:
         validate_name(args.name, field="--name")
         if args.deployment is not None:
             validate_name(args.deployment, field="--deployment")
+        if args.model_name is not None:
+            validate_name(args.model_name, field="--model-name")
         max_body = parse_size(args.max_body_bytes)
+        grpc_max = parse_size(args.grpc_max_message_bytes, field="--grpc-max-message-bytes")
+        if args.grpc_port is not None:
+            if not 0 <= args.grpc_port <= 65535:
+                raise InvalidInputError(
+                    "--grpc-port must be between 0 (any free port) and 65535", field="--grpc-port"
+                )
+            _require_loopback(args.grpc_host, field="--grpc-host")
         if args.max_batch_size < 1:
             raise InvalidInputError("--max-batch-size must be at least 1", field="--max-batch-size")
         if args.max_wait_ms < 0:
@@ -663,6 +852,7 @@ def main(argv: list[str] | None = None) -> int:
         max_queue_calls=args.max_queue_calls,
         inline_below_ms=args.inline_below_ms,
         deployment=args.deployment,
+        model_name=args.model_name,
     )
     _log_to_stderr(args.log_level)
     try:
@@ -674,22 +864,51 @@ def main(argv: list[str] | None = None) -> int:
         print(f"shipyard replica: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1
     host, port = sock.getsockname()[:2]
-    print(f"shipyard replica: serving on http://{host}:{port}", flush=True)
+    grpc_bind = None if args.grpc_port is None else (args.grpc_host, args.grpc_port, grpc_max)
+    return uvloop.run(_serve(app, sock, grpc_bind, http_url=f"http://{host}:{port}"))
+
+
+async def _serve(
+    app: ReplicaApp, sock: socket.socket, grpc_bind: tuple[str, int, int] | None, *, http_url: str
+) -> int:
+    """Serve HTTP on ``sock`` and, with ``grpc_bind`` (host, port, message limit), gRPC in the
+    same event loop, through the same model and batcher; returns the exit status."""
+    state = app.replica
+    if grpc_bind is not None:
+        grpc_host, grpc_port, max_message = grpc_bind
+        try:
+            state.grpc = await start_grpc_server(
+                None,  # handed over (with the batcher) once the app has started
+                name=state.name,
+                version=state.version,
+                host=grpc_host,
+                port=grpc_port,
+                stats=state.stats,
+                max_message_bytes=max_message,
+                observer=app,
+            )
+        except ShipyardError as exc:
+            print(f"shipyard replica: {exc.message}", file=sys.stderr, flush=True)
+            sock.close()
+            return 1
+        shown = f"[{grpc_host}]" if ":" in grpc_host else grpc_host
+        print(f"{GRPC_LISTENING}{shown}:{state.grpc.port}", flush=True)
+    print(f"shipyard replica: serving on {http_url}", flush=True)
     server = HttpServer(app, graceful_s=10.0, server_name=SERVER_NAME)
-    uvloop.run(server.serve([sock], handle_signals=True))
+    await server.serve([sock], handle_signals=True)
     return 0
 
 
-def parse_size(value: str | int) -> int:
+def parse_size(value: str | int, *, field: str = "--max-body-bytes") -> int:
     """``8MB``, ``512KiB``, ``1048576`` -> bytes (K/M/G are powers of 1024)."""
     if isinstance(value, int):
         return value
     match = re.fullmatch(r"\s*(\d+)\s*([KMG]?)(i?B)?\s*", str(value), flags=re.IGNORECASE)
     if not match or int(match.group(1)) <= 0:
         raise InvalidInputError(
-            f"size {value!r} is not valid: use a positive number of bytes, e.g. 1048576, 512KB, "
-            "8MB",
-            field="--max-body-bytes",
+            f"{field}: size {value!r} is not valid: use a positive number of bytes, e.g. "
+            "1048576, 512KB, 8MB",
+            field=field,
         )
     scale = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}[match.group(2).upper()]
     return int(match.group(1)) * scale
@@ -700,9 +919,35 @@ def parse_size(value: str | int) -> int:
 _PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
 
 
-def _decode(body: bytes, model: OnnxModel) -> InferenceRequest:
+@dataclass(slots=True)
+class _Decoded:
+    """A checked inference request, from JSON or binary: its arrays, the outputs asked for (in
+    order) and which of them go back in binary."""
+
+    id: str | None
+    inputs: dict[str, np.ndarray]
+    outputs: list[str]
+    binary: frozenset[str]
+
+
+_NO_BINARY: frozenset[str] = frozenset()
+
+
+def _decode(body: bytes, model: OnnxModel, header_length: str | None = None) -> _Decoded:
+    if header_length is not None:
+        checked = binary.decode_request(
+            body,
+            header_length=binary.parse_header_length(header_length),
+            inputs=model.inputs,
+            outputs=model.outputs,
+        )
+        return _Decoded(checked.id, checked.inputs, checked.outputs, checked.binary_outputs)
     payload = parse_json(body)  # refuses JSON nested too deep before it is parsed
-    return decode_request(payload, inputs=model.inputs, outputs=model.outputs)
+    decoded: InferenceRequest = decode_request(payload, inputs=model.inputs, outputs=model.outputs)
+    wanted = _NO_BINARY
+    if "parameters" in payload or "outputs" in payload:  # binary outputs need one of them
+        wanted = binary.binary_outputs(payload, decoded.outputs)
+    return _Decoded(decoded.id, decoded.inputs, decoded.outputs, wanted)
 
 
 def _is_infer(request: Request) -> bool:
@@ -784,7 +1029,7 @@ def _package_version() -> str:
         return "0+unknown"
 
 
-def _require_loopback(host: str) -> None:
+def _require_loopback(host: str, *, field: str = "--host") -> None:
     if host == "localhost":
         return
     try:
@@ -793,9 +1038,9 @@ def _require_loopback(host: str) -> None:
     except ValueError:
         pass
     raise InvalidInputError(
-        f"--host {host!r} is not a loopback address; a replica has no authentication of its own, "
-        "so it only binds 127.0.0.1, ::1 or localhost",
-        field="--host",
+        f"{field} {host!r} is not a loopback address; a replica has no authentication of its "
+        "own, so it only binds 127.0.0.1, ::1 or localhost",
+        field=field,
     )
 
 
@@ -863,6 +1108,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--deployment", help="deployment name, added as the 'deployment' label of the metrics"
+    )
+    parser.add_argument(
+        "--model-name",
+        help="the registered model's name, the 'model' label of the metrics (default: --name)",
+    )
+    parser.add_argument(
+        "--grpc-port",
+        type=int,
+        help="also serve the KServe v2 / Triton gRPC API on this port (0: any free port; the "
+        f"bound one is printed as '{GRPC_LISTENING}HOST:PORT'); default: no gRPC",
+    )
+    parser.add_argument(
+        "--grpc-host", default="127.0.0.1", help="gRPC bind address (loopback only)"
+    )
+    parser.add_argument(
+        "--grpc-max-message-bytes",
+        default=str(DEFAULT_MAX_MESSAGE_BYTES),
+        help="largest gRPC message accepted or sent (e.g. 8MB); larger ones get RESOURCE_EXHAUSTED",
     )
     parser.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]

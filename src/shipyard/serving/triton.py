@@ -9,6 +9,7 @@ protobuf's JSON mapping would use for 64-bit fields).
 
 :class:`InferenceStats` accumulates what the statistics extension reports; it is thread-safe, so
 the event loop (requests) and the batcher (model calls, through ``on_batch``) may both feed it.
+Its ``record_success`` is the replica's hot path: lock-free, for one thread (the event loop).
 Triton's meanings: ``inference_count`` counts the rows of successful requests (each inference
 in a batch counts), ``execution_count`` counts model calls; ``success``/``fail`` count requests
 with their total time, and ``queue``/``compute_input``/``compute_infer``/``compute_output``
@@ -215,16 +216,38 @@ _PHASES = ("success", "fail", "queue", "compute_input", "compute_infer", "comput
 
 
 class InferenceStats:
-    """Thread-safe counters for the statistics extension. Cheap: one lock, a few additions."""
+    """Thread-safe counters for the statistics extension. Cheap: one lock, a few additions.
+
+    :meth:`record_success` takes no lock: it is for one thread only (the event loop that
+    answers the requests), and keeps counters of its own that :meth:`snapshot` adds in.
+    """
 
     def __init__(self, *, clock_ms: Callable[[], int] | None = None) -> None:
         self._lock = threading.Lock()
-        self._clock_ms = clock_ms or (lambda: time.time_ns() // 1_000_000)
+        self._clock_ms = clock_ms or _now_ms
         self._last_inference_ms = 0
         self._inference_count = 0
         self._execution_count = 0
         self._phases: dict[str, list[int]] = {phase: [0, 0] for phase in _PHASES}
         self._batches: dict[int, list[int]] = {}
+        # record_success's own: requests, rows, then seconds total/input/infer/output
+        self._loop_ok: list[float] = [0, 0, 0.0, 0.0, 0.0, 0.0]
+        self._loop_last_ms = 0
+
+    def record_success(
+        self, rows: int, total_s: float, input_s: float, infer_s: float, output_s: float
+    ) -> None:
+        """One successful request, timed in seconds (decode, model incl. queueing, encode).
+
+        The event loop's fast path: no lock, no keywords; call it from one thread only."""
+        ok = self._loop_ok
+        ok[0] += 1
+        ok[1] += rows
+        ok[2] += total_s
+        ok[3] += input_s
+        ok[4] += infer_s
+        ok[5] += output_s
+        self._loop_last_ms = self._clock_ms()
 
     def record_request(
         self,
@@ -255,14 +278,31 @@ class InferenceStats:
         """One model call of ``rows`` rows that took ``seconds``: the batcher's ``on_batch``."""
         with self._lock:
             self._execution_count += 1
-            _add(self._batches.setdefault(rows, [0, 0]), int(seconds * 1e9))
+            calls = self._batches.get(rows)
+            if calls is None:
+                self._batches[rows] = [1, max(0, int(seconds * 1e9))]
+            else:
+                calls[0] += 1
+                calls[1] += max(0, int(seconds * 1e9))
 
     def snapshot(self) -> StatsSnapshot:
+        count, rows, total_s, input_s, infer_s, output_s = self._loop_ok
+        loop = {
+            "success": total_s,
+            "compute_input": input_s,
+            "compute_infer": infer_s,
+            "compute_output": output_s,
+            "queue": 0.0,
+        }
         with self._lock:
-            phases = {name: Duration(*pair) for name, pair in self._phases.items()}
+            phases = {}
+            for name, (n, ns) in self._phases.items():
+                if name in loop:
+                    n, ns = n + int(count), ns + round(loop[name] * 1e9)
+                phases[name] = Duration(n, ns)
             return StatsSnapshot(
-                last_inference_ms=self._last_inference_ms,
-                inference_count=self._inference_count,
+                last_inference_ms=max(self._last_inference_ms, self._loop_last_ms),
+                inference_count=self._inference_count + int(rows),
                 execution_count=self._execution_count,
                 batches={size: Duration(*pair) for size, pair in self._batches.items()},
                 **phases,
@@ -316,6 +356,10 @@ def _model_stats(name: str, version: str, s: StatsSnapshot) -> dict[str, Any]:
         ],
         "memory_usage": [],
     }
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
 
 
 def _add(pair: list[int], ns: int) -> None:
