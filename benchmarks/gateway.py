@@ -5,12 +5,18 @@ One deployment (a digits-sized ONNX MLP, one replica) behind ``python -m shipyar
 own URL and the gateway's ``/v2/models/{name}/infer``, alternately, ``--rounds`` times each; the
 medians are compared. Auth off (loopback) and auth on (a bearer token on every request).
 Target (issue 8): the gateway keeps at least 70% of the direct throughput.
+
+Each run also notes the CPU time per request of the server's event-loop thread and of the
+replica process (Linux: from /proc): on a small shared machine, where the gateway, the replica
+and wrk compete for cores, the throughput ratio swings with the load of other processes, while
+the gateway's own cost per request does not.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -108,6 +114,7 @@ def _measure(
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     argv = [PYTHON, "-m", "shipyard.server", "--host", "127.0.0.1", "--port", str(port)]
+    argv.append("--no-access-log")  # a line per request costs ~20% of a gateway hop
     if auth:
         argv.append("--auth")
     env = child_env(SHIPYARD_HOME=str(home), SHIPYARD_SERVER_URL=url)
@@ -119,6 +126,7 @@ def _measure(
             deployment = client.deployments.create(NAME, model=NAME, timeout=120)
             replica = deployment.replicas[0].url
             assert replica is not None
+            pids = {"server": server.proc.pid, "replica": deployment.replicas[0].pid}
             progress(f"{'auth on' if auth else 'auth off'}: replica {replica}, gateway {url}")
             row = np.random.default_rng(0).standard_normal(64).astype(np.float32)
             lua = _lua(home / "post.lua", request_body(row).decode(), token)
@@ -126,30 +134,72 @@ def _measure(
             for _ in range(rounds):
                 for which, base in (("direct", replica), ("gateway", url)):
                     target = f"{base}/v2/models/{NAME}/infer"
-                    runs[which].append(_wrk(wrk, target, lua, concurrency, seconds))
-                    progress(f"  {which}: {runs[which][-1]['rps']:.0f} req/s")
+                    runs[which].append(_wrk(wrk, target, lua, concurrency, seconds, pids))
+                    run = runs[which][-1]
+                    progress(
+                        f"  {which}: {run['rps']:.0f} req/s; CPU per request: server "
+                        f"{run['server_cpu_us_per_request']} us, replica "
+                        f"{run['replica_cpu_us_per_request']} us"
+                    )
             client.deployments.stop(NAME)
     direct = statistics.median(r["rps"] for r in runs["direct"])
     gateway = statistics.median(r["rps"] for r in runs["gateway"])
+    server_cpu = [r["server_cpu_us_per_request"] for r in runs["gateway"]]
     return {
         "direct_rps": direct,
         "gateway_rps": gateway,
         "ratio_gateway_to_direct": ratio(gateway, direct),
+        "gateway_server_cpu_us_per_request": (
+            statistics.median(server_cpu) if None not in server_cpu else None
+        ),
         "runs": runs,
     }
 
 
-def _wrk(wrk: str, url: str, lua: Path, concurrency: int, seconds: float) -> dict[str, Any]:
+def _wrk(
+    wrk: str, url: str, lua: Path, concurrency: int, seconds: float, pids: dict[str, int | None]
+) -> dict[str, Any]:
     import subprocess
 
     argv = [wrk, "-t1", f"-c{concurrency}", f"-d{seconds:g}s", "--latency", "-s", str(lua), url]
+    # the server's main thread only (its reconciler and scheduler threads tick on their own)
+    stats = {"server": _task_stat(pids["server"], main_thread=True),
+             "replica": _task_stat(pids["replica"], main_thread=False)}  # fmt: skip
+    before = {k: _cpu_s(v) for k, v in stats.items()}
     done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60, check=False)
+    used = {k: _minus(_cpu_s(v), before[k]) for k, v in stats.items()}
     if done.returncode != 0:
         raise AssertionError(f"wrk failed ({done.returncode}): {done.stderr or done.stdout}")
     measured = parse_wrk(done.stdout)
     if measured["non_2xx"] or measured["socket_errors"]:
         raise AssertionError(f"errors under load against {url}:\n{done.stdout}")
+    n = measured.get("requests") or 0
+    for key, seconds_used in used.items():
+        per = round(seconds_used * 1e6 / n) if seconds_used is not None and n else None
+        measured[f"{key}_cpu_us_per_request"] = per
     return measured
+
+
+def _task_stat(pid: int | None, *, main_thread: bool) -> Path | None:
+    if pid is None:
+        return None
+    path = Path(f"/proc/{pid}/task/{pid}/stat" if main_thread else f"/proc/{pid}/stat")
+    return path if path.exists() else None
+
+
+def _cpu_s(stat: Path | None) -> float | None:
+    """User + system CPU seconds from a /proc stat file (None where there is none)."""
+    if stat is None:
+        return None
+    try:
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _minus(after: float | None, before: float | None) -> float | None:
+    return None if after is None or before is None else after - before
 
 
 def _lua(path: Path, body: str, token: str | None) -> Path:

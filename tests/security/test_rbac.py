@@ -143,6 +143,11 @@ def test_expired_and_revoked_tokens_are_refused_with_where_to_go(ctx: Context) -
     with pytest.raises(InvalidInputError) as bad:
         tokens.parse_duration("forever")
     assert bad.value.field == "expires"
+    # a duration past any date (schemathesis found 864311w) is refused, naming the field
+    with pytest.raises(InvalidInputError, match="longer than a token may live") as bad:
+        tokens.parse_duration("864311w", field="expires_in")
+    assert bad.value.field == "expires_in"
+    assert tokens.parse_duration("521w") == timedelta(weeks=521)
 
 
 def test_a_user_cannot_see_or_revoke_someone_elses_token(ctx: Context) -> None:

@@ -18,10 +18,6 @@ from tests.onnx_models import linear_model
 from tests.serving.gateway_helpers import Load, ThreadServer
 from tests.serving.test_deployments import stop_stray_replicas
 
-# The tests share one server and run in order (the second starts where the first's rollout
-# left it), so xdist keeps them on one worker.
-pytestmark = pytest.mark.xdist_group("rollout")
-
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadServer]:
@@ -78,20 +74,22 @@ def test_a_target_that_fails_to_load_stops_the_rollout_and_the_old_version_serve
 ) -> None:
     with server.client() as client:
         serving = client.deployments.get("api")
-        assert [t.version for t in serving.targets] == [2]
+        # v2 after the first test on this worker, v1 when xdist ran this one elsewhere
+        good = [t.version for t in serving.targets]
+        assert good in ([1], [2]), good
         with Load(f"{server.url}/v2/models/api/infer", server.reader_token) as load:
             load.wait_for_more(20)
             with pytest.raises(BackendError, match=r"(?s)failed: .*is corrupted"):
                 client.deployments.update("api", targets=[DeploymentTarget(version=3)])
             load.wait_for_more(20)
         assert load.failures == [], load.failures[:5]
-        assert set(load.ok) == {"2"}
+        assert set(load.ok) == {str(good[0])}
         after = client.deployments.get("api")
     assert after.status is DeploymentStatus.RUNNING
-    assert [t.version for t in after.targets] == [2]
+    assert [t.version for t in after.targets] == good
     assert after.rollout is not None and "is corrupted" in (after.rollout.error or "")
     assert [t.version for t in after.rollout.to] == [3]
     assert "the rollout to version 3 failed" in after.message
     assert after.spec.targets == [DeploymentTarget(version=3)]  # the wish stays on record
-    assert [(r.version, r.state) for r in after.replicas] == [(2, ReplicaState.READY)]
+    assert [(r.version, r.state) for r in after.replicas] == [(good[0], ReplicaState.READY)]
     assert after.replicas[0].pid == serving.replicas[0].pid  # untouched

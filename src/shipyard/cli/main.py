@@ -122,11 +122,16 @@ def server(
         str | None,
         typer.Option(help="Where jobs run: local (default) or ray://HOST:PORT (a Ray cluster)."),
     ] = None,
+    access_log: Annotated[
+        bool, typer.Option("--access-log/--no-access-log", help="Write a line per request.")
+    ] = True,
 ) -> None:
     """Serve the REST API, /metrics and the web UI (on the embedded home unless --db/--blobs)."""
     args = [sys.executable, "-m", "shipyard.server", "--host", host, "--port", str(port)]
     if auth:
         args.append("--auth")
+    if not access_log:
+        args.append("--no-access-log")
     env = dict(os.environ)
     if db:
         env[ENV_DB] = db

@@ -10,7 +10,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Sequence
 
-from sqlalchemy import select, update
+from sqlalchemy import event, select, update
 from sqlalchemy.orm import Session
 
 from shipyard.context import Context, new_id
@@ -26,7 +26,7 @@ from shipyard.domain.principals import (
 from shipyard.errors import ConflictError, InvalidInputError, NotFoundError
 from shipyard.security import audit
 from shipyard.security.rbac import authorize, project_not_found, require_server_admin, viewable
-from shipyard.security.tokens import TOKEN_PREFIX, hash_token, load_principal
+from shipyard.security.tokens import TOKEN_PREFIX, forget_verified, hash_token, load_principal
 from shipyard.store.queries import project_id
 from shipyard.store.tables import (
     PrincipalRow,
@@ -102,7 +102,9 @@ def disable_principal(ctx: Context, *, name: str) -> PrincipalInfo:
                 details={},
             )
         s.flush()
-        return _info(row)
+        info = _info(row)
+    forget_verified()
+    return info
 
 
 def whoami(ctx: Context) -> Principal:
@@ -124,7 +126,9 @@ def create_project(ctx: Context, *, name: str) -> Project:
             s, actor=ctx.actor, action="project.create", resource=f"project/{name}", details={}
         )
         row = s.scalars(select(ProjectRow).where(ProjectRow.name == name)).one()
-        return _project(row)
+        project = _project(row)
+    forget_verified()  # a narrowed server admin's token reaches new projects too
+    return project
 
 
 def list_projects(ctx: Context) -> list[Project]:
@@ -191,7 +195,9 @@ def set_member(ctx: Context, *, project: str, principal: str, role: Role | str) 
             details={"role": role.value, "previous": previous},
         )
         s.flush()
-        return _member(project, member, prow)
+        changed = _member(project, member, prow)
+    forget_verified()
+    return changed
 
 
 def remove_member(ctx: Context, *, project: str, principal: str) -> None:
@@ -213,6 +219,7 @@ def remove_member(ctx: Context, *, project: str, principal: str) -> None:
             details={"previous": member.role},
         )
         s.delete(member)
+    forget_verified()
 
 
 # --- job principals -----------------------------------------------------------------------------
@@ -295,6 +302,9 @@ def revoke_job_tokens_in(s: Session, *, actor: str, job_ids: Sequence[str]) -> N
     """``revoke_job_tokens`` for several jobs inside the caller's write transaction (the
     admission pipeline ends every job one look found finished in one transaction): one
     ``token.revoke_job`` event per job that had live tokens, as one call per job writes."""
+    # verified tokens are forgotten once the revocation is committed (not before: a check
+    # between the two would remember a token about to be revoked)
+    event.listen(s, "after_commit", _forget_verified_on_commit, once=True)
     now = utcnow()
     for chunk in _chunks(list(job_ids)):
         owners: dict[str, str] = {
@@ -333,6 +343,10 @@ def revoke_job_tokens_in(s: Session, *, actor: str, job_ids: Sequence[str]) -> N
                     resource=f"job/{job}",
                     details={"tokens": live[job]},
                 )
+
+
+def _forget_verified_on_commit(session: Session) -> None:
+    forget_verified()
 
 
 def _chunks(items: list[str], size: int = 500) -> list[list[str]]:

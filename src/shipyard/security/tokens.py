@@ -6,6 +6,14 @@ prefix lets a user tell tokens apart without revealing them. A token acts as its
 it expires or is revoked. ``authenticate`` turns a presented secret into that
 :class:`~shipyard.domain.principals.Principal`, and notes when the token was last used - at most
 once a minute per token and process, so a busy client does not cost a write per request.
+
+``verified_principal`` is the inference gateway's shortcut: the principal of a token that
+``authenticate`` accepted in this process less than ``VERIFIED_TTL_S`` seconds ago, from memory,
+without a database read. The cache is keyed by the token's SHA-256 (never the secret) and the
+database, holds no entry past the token's expiry, and is emptied whenever this process revokes
+a token, disables a principal or changes a membership or the projects
+(``forget_verified``); a change made by another process (the CLI on the server host) takes
+effect within ``VERIFIED_TTL_S``.
 """
 
 from __future__ import annotations
@@ -61,8 +69,15 @@ HOW_TO_GET_ONE = (
 _DURATION = re.compile(r"^([1-9][0-9]{0,5})([mhdw])$")
 _UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
+VERIFIED_TTL_S = 5.0
+MAX_VERIFIED = 10_000
+
 _last_used_lock = threading.Lock()
 _last_used: dict[str, float] = {}  # token id -> monotonic time of this process's last write
+_verified_lock = threading.Lock()
+# (database URL, token hash) -> (principal, monotonic deadline)
+_verified: dict[tuple[str, str], tuple[Principal, float]] = {}
+_verified_epoch = 0  # bumped by forget_verified: a check that began before it is not cached
 
 
 def hash_token(token: str) -> str:
@@ -144,6 +159,7 @@ def authenticate(ctx: Context, *, secret: str | None) -> Principal:
         )
     digest = hash_token(secret)
     now = utcnow()
+    epoch = _verified_epoch
     with ctx.db.read() as s:
         row = s.scalar(select(TokenRow).where(TokenRow.token_hash == digest))
         # compare_digest keeps the final comparison constant-time
@@ -174,7 +190,28 @@ def authenticate(ctx: Context, *, secret: str | None) -> Principal:
         principal = load_principal(s, owner, token=row)
         token_id = row.id
     _note_use(ctx, token_id, now)
+    _remember(ctx, digest, principal, expires=expires, now=now, epoch=epoch)
     return principal
+
+
+def verified_principal(ctx: Context, *, secret: str) -> Principal | None:
+    """The principal of ``secret`` if ``authenticate`` accepted it within ``VERIFIED_TTL_S``
+    and nothing in this process has revoked or changed access since; else None (then call
+    ``authenticate``, which checks the store and refreshes this)."""
+    entry = _verified.get((ctx.settings.database_url, hash_token(secret)))
+    if entry is None or entry[1] <= time.monotonic():
+        return None
+    return entry[0]
+
+
+def forget_verified() -> None:
+    """Drop every verified token from memory: the next request of each is checked in the store.
+    Called on every change of who may do what (revocations, disabled principals, memberships,
+    new projects)."""
+    global _verified_epoch
+    with _verified_lock:
+        _verified_epoch += 1
+        _verified.clear()
 
 
 def list_tokens(ctx: Context, *, principal: str | None = None) -> list[Token]:
@@ -219,7 +256,9 @@ def revoke_token(ctx: Context, *, token_id: str) -> Token:
             )
         owner = s.get(PrincipalRow, row.principal_id) if row.principal_id else None
         s.flush()
-        return _to_domain(row, owner)
+        token = _to_domain(row, owner)
+    forget_verified()
+    return token
 
 
 def parse_duration(text: str, *, field: str = "expires") -> timedelta:
@@ -231,7 +270,14 @@ def parse_duration(text: str, *, field: str = "expires") -> timedelta:
             "30d or 8w",
             field=field,
         )
-    return timedelta(seconds=int(match[1]) * _UNITS[match[2]])
+    seconds = int(match[1]) * _UNITS[match[2]]
+    if seconds > MAX_EXPIRY.total_seconds():
+        raise InvalidInputError(
+            f"{field} {text!r} is longer than a token may live ({MAX_EXPIRY.days} days); "
+            "choose a shorter duration",
+            field=field,
+        )
+    return timedelta(seconds=seconds)
 
 
 def load_principal(s: Session, row: PrincipalRow, *, token: TokenRow | None = None) -> Principal:
@@ -267,6 +313,29 @@ def forget_last_used() -> None:
     """Forget when tokens were last noted as used (tests)."""
     with _last_used_lock:
         _last_used.clear()
+
+
+def _remember(
+    ctx: Context,
+    digest: str,
+    principal: Principal,
+    *,
+    expires: datetime | None,
+    now: datetime,
+    epoch: int,
+) -> None:
+    """Keep an accepted token's principal for ``verified_principal`` (not past its expiry, and
+    not when access changed while it was being checked)."""
+    ttl = VERIFIED_TTL_S
+    if expires is not None:
+        ttl = min(ttl, (expires - now).total_seconds())
+    deadline = time.monotonic() + ttl
+    with _verified_lock:
+        if epoch != _verified_epoch:
+            return
+        if len(_verified) >= MAX_VERIFIED:
+            _verified.clear()
+        _verified[(ctx.settings.database_url, digest)] = (principal, deadline)
 
 
 # --- helpers ------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""``python -m shipyard.server [--host H] [--port P] [--auth | --no-auth]`` (``shipyard server``).
+"""``python -m shipyard.server [--host H] [--port P] [--auth | --no-auth] [--no-access-log]``
+(``shipyard server``).
 
 Exits with status 2 and a one-line reason when the server may not start (a non-loopback bind
 without auth, bad settings); the default is ``127.0.0.1:8340`` and ``SHIPYARD_AUTH`` for auth.
@@ -30,10 +31,17 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="require API tokens (default: SHIPYARD_AUTH); needed for a non-loopback --host",
     )
+    parser.add_argument(
+        "--access-log",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="a line per request (default: on; off saves about a fifth of a gateway request)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per replica probe
     try:
-        serve(host=args.host, port=args.port, auth=args.auth)
+        serve(host=args.host, port=args.port, auth=args.auth, access_log=args.access_log)
     except ShipyardError as exc:
         print(f"shipyard server: error: {exc.message}", file=sys.stderr)
         return 2

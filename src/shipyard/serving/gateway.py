@@ -12,7 +12,7 @@ replica and returned; the response names the version that served it
 
 Retries: a request that could not be delivered (the connection was refused, or timed out while
 connecting) is sent once more, to another replica when there is one. So is a request whose
-connection dropped before any response came (a replica that died under load): inference is
+connection dropped before the whole answer came (a replica that died under load): inference is
 idempotent - a model call changes nothing - so a second try cannot do harm. A slow answer
 (a read timeout) or any HTTP response, 5xx included, is never retried. A replica that failed
 that way is left out of this gateway's picks for ``EJECT_S`` seconds, until the reconciler has
@@ -20,8 +20,13 @@ seen it too.
 
 Routes come from the store (the replicas the reconciler marked ready, of the versions that
 serve) and are cached for ``REFRESH_S`` seconds, or until the reconciler in this process changes
-what serves. The reconciler drains replicas for longer than that before stopping them, so a
-route cached a moment too long still reaches a live replica.
+what serves. An expired route is reloaded in the background while requests keep using it (one
+load at a time per deployment, so a busy deployment costs one query per ``REFRESH_S``, not one
+per request); a changed generation, or a deployment not seen yet, waits for its load. The
+reconciler drains replicas for longer than that before stopping them, so a route cached a moment
+too long still reaches a live replica.
+
+The hop to replicas is ``serving._proxy``: pooled keep-alive HTTP/1.1 connections.
 """
 
 from __future__ import annotations
@@ -31,11 +36,10 @@ import contextlib
 import itertools
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import anyio.to_thread
-import httpx
 from sqlalchemy import select
 
 from shipyard.context import Context
@@ -45,19 +49,27 @@ from shipyard.domain.principals import Role
 from shipyard.errors import BackendError, NotFoundError
 from shipyard.security.rbac import authorize
 from shipyard.serving import deployments, reconciler
+from shipyard.serving._proxy import ConnectFailed, Dropped, Pool, ProxyError, ReadTimeout
 from shipyard.store.queries import project_id
 from shipyard.store.tables import DeploymentReplicaRow, DeploymentRow
 
 REFRESH_S = 0.5
 EJECT_S = 2.0
 TIMEOUT_S = 60.0
-MAX_CONNECTIONS = 512
 MAX_SHADOW_IN_FLIGHT = 64
 REQUEST_ID = "x-request-id"
 VERSION_HEADER = "x-shipyard-model-version"
+_REQUEST_ID = REQUEST_ID.encode()
+_VERSION_HEADER = VERSION_HEADER.encode()
 # request headers passed on to the replica (the rest stay at the gateway: auth, cookies, ...)
-_FORWARDED = (b"content-type", b"inference-header-content-length", b"accept", b"content-encoding")
-_RETURNED = ("content-type", "inference-header-content-length", "content-encoding")
+_FORWARDED = frozenset(
+    (b"content-type", b"inference-header-content-length", b"accept", b"content-encoding")
+)
+_RETURNED = frozenset((b"content-type", b"inference-header-content-length", b"content-encoding"))
+# new request ids: unique per process start and request, 32 hex digits like a uuid4's, without
+# a random read per request
+_ID_PREFIX = uuid.uuid4().hex[:16].encode()
+_ID_COUNTER = itertools.count(1)
 
 
 class NoReplicaError(BackendError):
@@ -69,9 +81,16 @@ class NoReplicaError(BackendError):
 
 @dataclass(frozen=True, slots=True)
 class GatewayResponse:
+    """The replica's answer as the gateway returns it: status, headers (lower-case names, as
+    bytes: the replica's content headers, the request id and the serving version) and body."""
+
     status: int
-    headers: dict[str, str]
+    raw_headers: list[tuple[bytes, bytes]]
     content: bytes
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {k.decode("latin-1"): v.decode("latin-1") for k, v in self.raw_headers}
 
 
 @dataclass(slots=True)
@@ -80,6 +99,10 @@ class _Target:
     urls: list[str]
     turn: itertools.count[int] = field(default_factory=itertools.count)
     current: float = 0.0  # smooth weighted round-robin state
+    version: bytes = b""  # the version header's value
+
+    def __post_init__(self) -> None:
+        self.version = str(self.target.version).encode()
 
 
 @dataclass(slots=True)
@@ -92,13 +115,16 @@ class _Routes:
 
 
 class Gateway:
-    """Forwards OIP requests to replicas over one pooled, keep-alive HTTP client."""
+    """Forwards OIP requests to replicas over pooled keep-alive connections."""
 
-    def __init__(self, ctx: Context, *, refresh_s: float = REFRESH_S) -> None:
+    def __init__(
+        self, ctx: Context, *, refresh_s: float = REFRESH_S, pool: Pool | None = None
+    ) -> None:
         self.ctx = ctx
         self.refresh_s = refresh_s
-        self._client: httpx.AsyncClient | None = None
+        self.pool = pool or Pool(timeout_s=TIMEOUT_S)
         self._routes: dict[tuple[str, str], _Routes] = {}
+        self._loading: dict[tuple[str, str], tuple[int, asyncio.Task[_Routes]]] = {}
         self._ejected: dict[str, float] = {}
         self._shadows: set[asyncio.Task[None]] = set()
 
@@ -115,83 +141,78 @@ class Gateway:
     ) -> GatewayResponse:
         """Send ``method path`` (a path under ``/v2/models/{name}``) to a replica of ``name``.
 
-        Raises NotFoundError for an unknown deployment (or one the caller may not see) and
-        NoReplicaError when none of its replicas is ready.
+        Raises NotFoundError for an unknown deployment (or one the caller may not see),
+        NoReplicaError when none of its replicas is ready, and BackendError when the replicas
+        tried could not be reached or did not answer in time.
         """
         validate_name(name, field="name")
         authorize(ctx, project=project, need=Role.VIEWER)
         routes = await self._routes_of(project, name)
-        pairs = headers.items() if isinstance(headers, Mapping) else headers
-        sent = {k.decode("latin-1"): v.decode("latin-1") for k, v in pairs if k in _FORWARDED}
-        request_id = (
-            next((v.decode("latin-1") for k, v in pairs if k == b"x-request-id" and v), None)
-            or uuid.uuid4().hex
-        )
-        sent[REQUEST_ID] = request_id
+        sent, request_id = _outgoing(headers.items() if isinstance(headers, Mapping) else headers)
         target, url = self._pick(routes, name=name, project=project)
-        tried = {url}
-        client = self._http()
-        for attempt in (0, 1):
+        tried = [url]
+        while True:
             try:
-                answer = await client.request(method, f"{url}{path}", content=body, headers=sent)
+                answer = await self.pool.request(url, method, path, headers=sent, body=body)
                 break
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError,
-                    httpx.ReadError, httpx.WriteError) as exc:  # fmt: skip
+            except (ConnectFailed, Dropped) as exc:
                 self._ejected[url] = time.monotonic() + EJECT_S
-                if attempt == 1:
+                if len(tried) > 1:
                     raise BackendError(
-                        f"deployment {name!r}: replicas at {', '.join(sorted(tried))} could not "
-                        f"be reached ({type(exc).__name__}); the reconciler restarts them",
+                        f"deployment {name!r}: replicas at {', '.join(sorted(set(tried)))} "
+                        f"could not be reached ({exc.reason}); the reconciler restarts them",
                         field="name",
                     ) from None
-                target, url = self._pick(routes, name=name, project=project, avoid=tried)
-                tried.add(url)
-            except httpx.TimeoutException:
+                target, url = self._pick(routes, name=name, project=project, avoid=set(tried))
+                tried.append(url)
+            except ReadTimeout:
                 raise BackendError(
                     f"deployment {name!r}: the replica at {url} did not answer within "
-                    f"{TIMEOUT_S:.0f}s",
+                    f"{self.pool.timeout_s:.0f}s",
                     field="name",
                 ) from None
         if routes.shadows and method == "POST":
             self._mirror(routes, path, body, sent)
-        out = {k: answer.headers[k] for k in _RETURNED if k in answer.headers}
-        out[REQUEST_ID] = request_id
-        out[VERSION_HEADER] = str(target.version)
-        return GatewayResponse(answer.status_code, out, answer.content)
+        out = [(k, v) for k, v in answer.headers if k in _RETURNED]
+        out.append((_REQUEST_ID, request_id))
+        out.append((_VERSION_HEADER, target.version))
+        return GatewayResponse(answer.status, out, answer.body)
 
     async def aclose(self) -> None:
-        for task in list(self._shadows):
+        for task in [*self._shadows, *(t for _, t in self._loading.values())]:
             task.cancel()
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        self.pool.close()
 
     # --- helpers --------------------------------------------------------------------------------
-
-    def _http(self) -> httpx.AsyncClient:
-        if self._client is None:  # made on first use, inside the serving event loop
-            limits = httpx.Limits(
-                max_connections=MAX_CONNECTIONS,
-                max_keepalive_connections=MAX_CONNECTIONS,
-                keepalive_expiry=30.0,
-            )
-            timeout = httpx.Timeout(TIMEOUT_S, connect=2.0)
-            self._client = httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False)
-        return self._client
 
     async def _routes_of(self, project: str, name: str) -> _Routes:
         key = (project, name)
         cached = self._routes.get(key)
-        now = time.monotonic()
         generation = reconciler.generation()
-        if (
-            cached is not None
-            and now - cached.loaded_at < self.refresh_s
-            and cached.generation == generation
-        ):
+        if cached is not None and cached.generation == generation:
+            if time.monotonic() - cached.loaded_at >= self.refresh_s:
+                self._refresh(key, generation)  # in the background; this request uses the old
             return cached
-        fresh = await anyio.to_thread.run_sync(self._load, project, name)
+        return await asyncio.shield(self._refresh(key, generation))
+
+    def _refresh(self, key: tuple[str, str], generation: int) -> asyncio.Task[_Routes]:
+        """The load of ``key``'s routes for ``generation`` in flight, started if none is."""
+        loading = self._loading.get(key)
+        if loading is not None and loading[0] == generation:
+            return loading[1]
+        task = asyncio.create_task(self._reload(key, generation))
+        self._loading[key] = (generation, task)
+        task.add_done_callback(lambda t: _settle(self, key, t))
+        return task
+
+    async def _reload(self, key: tuple[str, str], generation: int) -> _Routes:
+        try:
+            fresh = await anyio.to_thread.run_sync(self._load, *key)
+        except BaseException:
+            self._routes.pop(key, None)  # the next request loads (and fails) on its own
+            raise
         fresh.generation = generation
+        cached = self._routes.get(key)
         if cached is not None:  # keep the round-robin positions across refreshes
             _carry(cached.serving, fresh.serving)
             _carry(cached.shadows, fresh.shadows)
@@ -237,15 +258,16 @@ class Gateway:
 
     def _pick(
         self, routes: _Routes, *, name: str, project: str, avoid: set[str] | None = None
-    ) -> tuple[ServingTarget, str]:
+    ) -> tuple[_Target, str]:
         now = time.monotonic()
         avoid = avoid or set()
+        ejected = self._ejected
 
         def usable(target: _Target, strict: bool) -> list[str]:
             return [
                 u
                 for u in target.urls
-                if u not in avoid and (not strict or self._ejected.get(u, 0.0) <= now)
+                if u not in avoid and (not strict or ejected.get(u, 0.0) <= now)
             ]
 
         for strict in (True, False):  # an ejected replica beats none at all
@@ -253,11 +275,11 @@ class Gateway:
             candidates = [(t, urls) for t, urls in candidates if urls and t.target.weight > 0]
             if candidates:
                 chosen, urls = _smooth_weighted(candidates)
-                return chosen.target, urls[next(chosen.turn) % len(urls)]
+                return chosen, urls[next(chosen.turn) % len(urls)]
         if avoid:  # nothing else: the same replica once more
             for target in routes.serving:
                 if target.urls:
-                    return target.target, target.urls[next(target.turn) % len(target.urls)]
+                    return target, target.urls[next(target.turn) % len(target.urls)]
         raise NoReplicaError(
             f"deployment {name!r} in project {project!r} has no ready replica "
             f"(it is {routes.status}); see `shipyard deployments show {name} --project "
@@ -265,18 +287,45 @@ class Gateway:
             field="name",
         )
 
-    def _mirror(self, routes: _Routes, path: str, body: bytes, headers: dict[str, str]) -> None:
+    def _mirror(
+        self, routes: _Routes, path: str, body: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> None:
         for shadow in routes.shadows:
             if not shadow.urls or len(self._shadows) >= MAX_SHADOW_IN_FLIGHT:
                 continue
             url = shadow.urls[next(shadow.turn) % len(shadow.urls)]
-            task = asyncio.create_task(self._shadow_call(f"{url}{path}", body, headers))
+            task = asyncio.create_task(self._shadow_call(url, path, body, headers))
             self._shadows.add(task)
             task.add_done_callback(self._shadows.discard)
 
-    async def _shadow_call(self, url: str, body: bytes, headers: dict[str, str]) -> None:
-        with contextlib.suppress(httpx.HTTPError):  # a shadow's failure is its own
-            await self._http().post(url, content=body, headers=headers)
+    async def _shadow_call(
+        self, url: str, path: str, body: bytes, headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        with contextlib.suppress(ProxyError):  # a shadow's failure is its own
+            await self.pool.request(url, "POST", path, headers=headers, body=body)
+
+
+def _outgoing(pairs: Iterable[tuple[bytes, bytes]]) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """The headers sent on to the replica, and the request id (the caller's, or a new one)."""
+    sent: list[tuple[bytes, bytes]] = []
+    request_id = b""
+    for key, value in pairs:
+        if key in _FORWARDED:
+            sent.append((key, value))
+        elif key == _REQUEST_ID and value:
+            request_id = value
+    if not request_id:
+        request_id = b"%s%016x" % (_ID_PREFIX, next(_ID_COUNTER))
+    sent.append((_REQUEST_ID, request_id))
+    return sent, request_id
+
+
+def _settle(gateway: Gateway, key: tuple[str, str], task: asyncio.Task[_Routes]) -> None:
+    loading = gateway._loading.get(key)
+    if loading is not None and loading[1] is task:
+        del gateway._loading[key]
+    if not task.cancelled():
+        task.exception()  # retrieved: a failed background load is answered by the next request
 
 
 def _smooth_weighted(
