@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import subprocess
@@ -207,3 +208,88 @@ def wait_http_ok(proc: ChildProcess, url: str, *, timeout: float = 60.0) -> str 
 
 
 PYTHON = sys.executable
+
+
+# --- peers in environments of their own ------------------------------------------------------
+
+PEERS_DIR = BENCH_DIR
+"""Where ``peer_python`` makes ``.venv-peers-NAME`` (each holds a ``.gitignore`` of ``*``)."""
+
+
+def peer_python(name: str, requirements: list[str], *, timeout: float = 1200.0) -> Path | str:
+    """The python of ``benchmarks/.venv-peers-NAME``, made and filled on first use.
+
+    A peer (a serving framework shipyard is compared with) goes into an environment of its own,
+    never into the one running the benchmark: installing it there would move packages that
+    shipyard pins (e.g. Ray Serve brings protobuf 7, BentoML an older opentelemetry-api).
+    ``requirements`` are pip specifiers; the environment is remade when they change. Returns
+    the interpreter's path, or a string saying why there is none (the caller skips the peer).
+    """
+    where = PEERS_DIR / f".venv-peers-{name}"
+    python = where / "bin" / "python"
+    marker = where / ".ready"
+    wanted = "\n".join(requirements) + "\n"
+    if python.exists() and marker.exists() and marker.read_text() == wanted:
+        return python
+    progress(f"  installing {name} into {where} ({' '.join(requirements)}); once, a few minutes")
+    log = where / "install.log"
+    try:
+        if where.exists():
+            shutil.rmtree(where)
+        base = getattr(sys, "_base_executable", sys.executable)
+        subprocess.run([base, "-m", "venv", str(where)], check=True, timeout=120,
+                       capture_output=True)  # fmt: skip
+        (where / ".gitignore").write_text("*\n")  # as `uv venv` does: git never sees it
+        with open(log, "wb") as out:
+            done = subprocess.run(
+                [str(python), "-m", "pip", "install", "--disable-pip-version-check",
+                 *requirements],
+                stdout=out, stderr=subprocess.STDOUT, timeout=timeout, check=False,
+            )  # fmt: skip
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"could not make the environment {where}: {exc}"
+    if done.returncode != 0:
+        lines = log.read_text(errors="replace").splitlines()
+        tail = "\n".join([line for line in lines if "is ignored" not in line][-5:])
+        return f"pip install {' '.join(requirements)} failed ({done.returncode}; {log}): {tail}"
+    marker.write_text(wanted)
+    return python
+
+
+def peer_versions(python: Path, names: list[str]) -> dict[str, str]:
+    """Installed versions of ``names`` in another environment (what a reader needs)."""
+    code = (
+        "import json, sys\nfrom importlib import metadata\nout = {}\n"
+        "for n in sys.argv[1:]:\n"
+        "    try: out[n] = metadata.version(n)\n"
+        "    except metadata.PackageNotFoundError: pass\n"
+        "print(json.dumps(out))\n"
+    )
+    try:
+        done = subprocess.run([str(python), "-c", code, *names], capture_output=True,
+                              text=True, timeout=60, check=True)  # fmt: skip
+        return dict(json.loads(done.stdout))
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return {}
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU time so far of a process and all its live descendants.
+
+    Serving frameworks split a request over processes (LitServe's API server and worker,
+    BentoML's arbiter and worker, Ray's proxy, replica, raylet and GCS): all of it is the
+    server's cost. A descendant that has exited no longer counts.
+    """
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0.0
+    total = 0.0
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+            times = proc.cpu_times()
+            total += times.user + times.system
+    return total

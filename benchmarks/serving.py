@@ -14,6 +14,19 @@ requests/s, p50 and p99 latency (wrk's), non-2xx answers, and the server process
 request (user + system, from psutil), which depends less on other load than requests/s does.
 Every server's answer is checked against ONNX Runtime in-process before it is measured.
 
+Peers (``--peers``, default all three): the same model, body and wrk script against LitServe
+(``serving_litserve_app.py``), BentoML (``serving_bentoml_app.py``, ``bentoml serve``, one
+worker) and Ray Serve (``serving_rayserve_app.py``, one replica of one CPU), each with its own
+batching off (a batch-1 comparison), its access log off, pinned with every process it starts to
+the server core, and alternated with the other servers in the same rounds. Each peer runs from
+an environment of its own, ``benchmarks/.venv-peers-NAME`` (made and filled by pip on the first
+run, with this environment's onnxruntime and numpy; it holds a ``.gitignore`` of ``*``): Ray
+Serve would move protobuf to 7 and BentoML opentelemetry-api back a release in shipyard's
+environment. A peer that cannot be installed, does not start, answers wrongly or dies under
+load is reported under ``skipped`` with the reason. ``vs_peers`` holds shipyard's ratios to
+each server that ran, ``table`` one row per (server, c). CPU per request counts the server
+process and all its descendants.
+
 Batching lift (``batching``): a model large enough to be compute-bound, an MLP 64 -> 2048 ->
 2048 -> 10 (ReLU; ~2 ms a batch-1 call on one thread), served by the replica with
 ``--max-batch-size 32`` and with ``--max-batch-size 1``, at concurrency 1 (batching must not
@@ -32,7 +45,8 @@ runs the same burst against a replica started with no queue flags. Without ``--q
 burst also runs against a replica whose queue is unbounded (``replica_overload_unbounded``).
 
 Run: ``.venv/bin/python benchmarks/serving.py [--quick] [--rounds N] [--seconds S]
-[--concurrency 1,16,64] [--no-overload | --only-overload]``. Needs ``wrk`` (Debian: ``apt-get
+[--concurrency 1,16,64] [--peers litserve,bentoml,rayserve] [--no-batching]
+[--no-overload | --only-overload]``. Needs ``wrk`` (Debian: ``apt-get
 install wrk``) and, for pinning, ``taskset`` and two cores (without them it runs unpinned and
 says so).
 """
@@ -51,6 +65,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -69,8 +85,11 @@ from _common import (
     latency_summary,
     loadavg,
     machine,
+    peer_python,
+    peer_versions,
     progress,
     ratio,
+    tree_cpu_seconds,
     wait_http_ok,
     write_result,
 )
@@ -108,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-overload", action="store_true", help="skip the overload scenario")
     parser.add_argument("--no-batching", action="store_true", help="skip the batching lift")
     parser.add_argument(
+        "--peers",
+        default=",".join(PEERS),
+        help=f"other serving frameworks to compare with (default {','.join(PEERS)}; '' none)",
+    )
+    parser.add_argument(
         "--only-overload", action="store_true", help="run only the overload scenario"
     )
     args = parser.parse_args(argv)
@@ -132,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         concurrency=tuple(int(c) for c in args.concurrency.split(",")),
         batching=not args.no_batching,
         quick=args.quick,
+        peers=[p for p in args.peers.split(",") if p],
     )
     if not args.no_overload:
         overload = run_overload(factor=args.overload, seconds=overload_seconds, quick=args.quick)
@@ -149,23 +174,52 @@ def run(
     concurrency: tuple[int, ...],
     batching: bool,
     quick: bool,
+    peers: list[str] | None = None,
 ) -> dict[str, Any]:
+    unknown = sorted(set(peers or []) - set(PEERS))
+    if unknown:
+        raise SystemExit(f"unknown peer(s) {unknown}: choose from {', '.join(PEERS)}")
     info = machine()
     pin = _pinning()
     where = f"server on core {SERVER_CORE}, wrk on core {CLIENT_CORE}" if pin else "unpinned"
     progress(
-        f"serving: shipyard replica vs FastAPI, MLP {N_IN}->{N_HIDDEN}->{N_OUT}, c={concurrency}, "
+        f"serving: shipyard replica vs {', '.join(['FastAPI', *(peers or [])])}, MLP "
+        f"{N_IN}->{N_HIDDEN}->{N_OUT}, c={concurrency}, "
         f"{rounds} rounds x {seconds:g} s ({info['cpus']} CPUs, load {info['loadavg']}; {where})"
     )
     with tempfile.TemporaryDirectory(prefix="shipyard-bench-serving-") as tmp_name:
         tmp = Path(tmp_name)
         digits = _prepare(tmp, "digits", build_mlp())
-        servers = {
+        servers: dict[str, Callable[[], _Server]] = {
             "fastapi": lambda: _start_fastapi(tmp, digits, pin=pin),
             "shipyard": lambda: _start_replica(tmp, digits, "shipyard", [], pin=pin),
         }
+        skipped: dict[str, str] = {}
+        peer_info: dict[str, dict[str, Any]] = {}
+        for peer in peers or []:
+            python = peer_python(peer, PEERS[peer]["requirements"])
+            if isinstance(python, str):
+                skipped[peer] = python
+                progress(f"  {peer}: skipped: {python}")
+                continue
+            peer_info[peer] = {
+                "setup": PEERS[peer]["setup"],
+                "python": str(python),
+                "packages": peer_versions(python, PEERS[peer]["packages"]),
+            }
+            servers[peer] = lambda peer=peer, python=python: _start_peer(
+                peer, python, tmp, digits, pin=pin
+            )
         comparison = _compare(
-            wrk, servers, digits, concurrency=concurrency, rounds=rounds, seconds=seconds, pin=pin
+            wrk,
+            servers,
+            digits,
+            concurrency=concurrency,
+            rounds=rounds,
+            seconds=seconds,
+            pin=pin,
+            optional=set(PEERS),
+            skipped=skipped,
         )
         lift: dict[str, Any] = {}
         if batching:
@@ -205,6 +259,29 @@ def run(
                 "detail": lift["detail"],
             }
         )
+    vs_peers = _vs_peers(comparison, concurrency)
+    for peer, by_c in vs_peers.items():
+        if peer == "fastapi":  # already in the headline, one entry per c
+            continue
+        key_c = 16 if 16 in concurrency else concurrency[-1]
+        headline.append(
+            {
+                "name": f"shipyard / {peer} requests/s at c={key_c}",
+                "value": by_c[f"c{key_c}"]["rps"],
+                "unit": "x",
+                "detail": "; ".join(
+                    f"c={c}: {comparison[peer][str(c)]['rps']:.0f} req/s, p50 "
+                    f"{comparison[peer][str(c)]['p50_ms']} ms, p99 "
+                    f"{comparison[peer][str(c)]['p99_ms']} ms ({by_c[f'c{c}']['rps']}x)"
+                    for c in concurrency
+                ),
+            }
+        )
+    for peer, why in skipped.items():
+        headline.append({"name": f"shipyard / {peer}", "value": None, "skipped": why})
+    table = _table(comparison, vs_peers, concurrency)
+    for line in table["text"]:
+        progress(line)
     c16 = ratios.get("c16")
     return {
         "benchmark": NAME,
@@ -217,6 +294,8 @@ def run(
             "uvloop), --no-access-log",
             "shipyard": "python -m shipyard.serving.replica (defaults: --max-batch-size 32, "
             "--max-wait-ms 5, --threads 1)",
+            "peers": peer_info,
+            "cpu_accounting": "CPU time of the server process and all its descendants",
             "load_generator": f"wrk -t1 -cC -d{seconds:g}s --latency, Lua POST script, "
             "closed loop, keep-alive",
             "pinning": {"server_core": SERVER_CORE, "wrk_core": CLIENT_CORE} if pin else None,
@@ -225,9 +304,13 @@ def run(
         },
         "machine": info,
         "variants": comparison,
+        "skipped": skipped,
         "ratios": ratios,
+        "vs_peers": vs_peers,
+        "table": table["rows"],
         "ratio_definition": "rps, p50, p99: shipyard / FastAPI (rps > 1: faster; latency < 1: "
-        "lower); cpu_per_request: FastAPI CPU per request / shipyard's (> 1: shipyard cheaper)",
+        "lower); cpu_per_request: FastAPI CPU per request / shipyard's (> 1: shipyard cheaper); "
+        "vs_peers: the same ratios with each peer (FastAPI included) in FastAPI's place",
         "target": {
             "rps_c16_at_least": TARGET_RATIO,
             "met_rps_c16": None if c16 is None else (c16["rps"] or 0) >= TARGET_RATIO,
@@ -245,6 +328,18 @@ def run(
             "requests/s falls.",
             "wrk reports latency percentiles from its own HdrHistogram; at c=1 p50 is the "
             "round-trip of one request.",
+            "Every server, with all the processes it starts (LitServe's API server and worker, "
+            "BentoML's arbiter and worker, Ray's GCS, raylet, proxy, controller and replica), "
+            "is pinned to the one server core: a framework that splits a request over "
+            "processes pays for the hops on that core, as it would on a one-core replica.",
+            "Ray Serve on one core is hit hardest by the pinning: a request crosses its HTTP "
+            "proxy actor and its replica actor (each with dozens of threads), and Ray's GCS, "
+            "raylet and agents (about 10% of a core while idle, counted in its CPU per request) "
+            "share that core. Ray also binds its internal ports on all interfaces (its HTTP "
+            "proxy is on 127.0.0.1; the benchmark's traffic stays on loopback).",
+            "Peers run from environments of their own (benchmarks/.venv-peers-NAME) with the "
+            "same onnxruntime and numpy as shipyard's; their FastAPI/uvicorn/pydantic are what "
+            "each framework's pinned version installs (see workload.peers).",
         ],
     }
 
@@ -261,22 +356,50 @@ def _compare(
     rounds: int,
     seconds: float,
     pin: bool,
+    optional: set[str] | None = None,
+    skipped: dict[str, str] | None = None,
 ) -> dict[str, dict[str, dict[str, Any]]]:
-    """Start each server once; alternate them run by run; medians per (server, concurrency)."""
+    """Start each server once; alternate them run by run; medians per (server, concurrency).
+
+    A server named in ``optional`` that does not start, answers wrongly or dies under load is
+    dropped with the reason in ``skipped``; any other server's failure stops the benchmark.
+    """
+    optional = optional or set()
+    skipped = skipped if skipped is not None else {}
     runs: dict[str, dict[int, list[dict[str, Any]]]] = {
         n: {c: [] for c in concurrency} for n in servers
     }
-    started: dict[str, ChildProcess] = {}
+    started: dict[str, _Server] = {}
+
+    def drop(name: str, why: str) -> None:
+        skipped[name] = why
+        progress(f"  {name}: skipped: {why}")
+        if name in started:
+            started.pop(name).stop()
+
     try:
         for name, start in servers.items():
-            started[name] = start()
-            _check_answers(started[name], model)
-            _wrk(wrk, started[name].port, model["lua"], 4, min(seconds, 2.0), pin=pin)  # warm up
+            try:
+                started[name] = start()
+                _check_answers(started[name], model, retry_s=60.0 if name in optional else 0.0)
+                _wrk(wrk, started[name].port, model["lua"], 4, min(seconds, 2.0), pin=pin)
+            except (AssertionError, OSError) as exc:
+                if name not in optional:
+                    raise
+                drop(name, f"did not start or answered wrongly: {exc}")
         for r in range(rounds):
-            order = list(servers) if r % 2 == 0 else list(reversed(servers))
+            order = list(started) if r % 2 == 0 else list(reversed(started))
             for c in concurrency:
                 for name in order:
-                    outcome = _measured(wrk, started[name], model["lua"], c, seconds, pin=pin)
+                    if name not in started:
+                        continue
+                    try:
+                        outcome = _measured(wrk, started[name], model["lua"], c, seconds, pin=pin)
+                    except AssertionError as exc:
+                        if name not in optional:
+                            raise
+                        drop(name, f"failed under load at c={c}, round {r + 1}: {exc}")
+                        continue
                     runs[name][c].append(outcome)
                     progress(
                         f"  round {r + 1} {name:8s} c={c:<3d} {outcome['rps']:8.0f} req/s  p50 "
@@ -287,7 +410,11 @@ def _compare(
     finally:
         for proc in started.values():
             proc.stop()
-    return {name: {str(c): _median_run(runs[name][c]) for c in concurrency} for name in servers}
+    return {
+        name: {str(c): _median_run(runs[name][c]) for c in concurrency}
+        for name in servers
+        if name not in skipped
+    }
 
 
 def _batching_lift(
@@ -324,10 +451,12 @@ def _batching_lift(
 def _measured(
     wrk: str, proc: ChildProcess, lua: Path, concurrency: int, seconds: float, *, pin: bool
 ) -> dict[str, Any]:
-    before_cpu = _cpu_seconds(proc.proc.pid)
+    load = loadavg()
+    before_cpu = tree_cpu_seconds(proc.proc.pid)
     before_batches = scrape_batches(proc.port) if proc.shipyard else None
     outcome = _wrk(wrk, proc.port, lua, concurrency, seconds, pin=pin)
-    cpu = _cpu_seconds(proc.proc.pid) - before_cpu
+    cpu = tree_cpu_seconds(proc.proc.pid) - before_cpu
+    outcome["loadavg_before"] = load
     outcome["cpu_us_per_request"] = round(cpu / max(outcome["requests"], 1) * 1e6, 1)
     if before_batches is not None:
         outcome["batching"] = _batch_delta(before_batches, scrape_batches(proc.port))
@@ -342,7 +471,9 @@ def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     median["requests"] = sum(r["requests"] for r in runs)
     median["non_2xx"] = sum(r["non_2xx"] for r in runs)
     median["socket_errors"] = sum(r["socket_errors"] for r in runs)
-    median["rounds"] = [{k: r[k] for k in ("rps", "p50_ms", "p99_ms")} for r in runs]
+    median["rounds"] = [
+        {k: r[k] for k in ("rps", "p50_ms", "p99_ms", "loadavg_before")} for r in runs
+    ]
     if runs and "batching" in runs[-1]:
         calls = sum(r["batching"]["model_calls"] for r in runs)
         rows = sum(r["batching"]["rows"] for r in runs)
@@ -410,6 +541,13 @@ def _lua(path: Path, body: bytes) -> Path:
 class _Server(ChildProcess):
     port: int
     shipyard: bool
+    cleanup: str | None = None  # a folder to remove once stopped
+
+    def stop(self, grace: float = 10.0) -> None:
+        # Ray runs its actors in process groups of their own: give its driver time to end them.
+        super().stop(grace=30.0 if self.cleanup else grace)
+        if self.cleanup:
+            shutil.rmtree(self.cleanup, ignore_errors=True)
 
 
 def _pinning() -> bool:
@@ -463,35 +601,165 @@ def _start_replica(
 
 
 def _start(
-    argv: list[str], env: dict[str, str], log: Path, port: int, *, pin: bool, shipyard: bool
+    argv: list[str],
+    env: dict[str, str],
+    log: Path,
+    port: int,
+    *,
+    pin: bool,
+    shipyard: bool,
+    ready: str | None = None,
+    timeout: float = 90.0,
 ) -> _Server:
     if pin:
         argv = ["taskset", "-c", SERVER_CORE, *argv]
     proc = _Server(argv, env=env, log_path=log)
     proc.port, proc.shipyard = port, shipyard
-    url = (
-        f"http://127.0.0.1:{port}/v2/health/ready" if shipyard else f"http://127.0.0.1:{port}/docs"
-    )
-    why = wait_http_ok(proc, url, timeout=90)
+    ready = ready or ("/v2/health/ready" if shipyard else "/docs")
+    why = wait_http_ok(proc, f"http://127.0.0.1:{port}{ready}", timeout=timeout)
     if why is not None:
         proc.stop()
         raise AssertionError(f"{' '.join(argv)} did not start: {why}")
     return proc
 
 
-def _check_answers(proc: _Server, model: dict[str, Any]) -> None:
-    conn = http.client.HTTPConnection("127.0.0.1", proc.port, timeout=30)
-    try:
-        conn.request("POST", f"/v2/models/{MODEL_NAME}/infer", body=model["body"],
-                     headers={"Content-Type": "application/json"})  # fmt: skip
-        response = conn.getresponse()
-        data = response.read()
-    finally:
-        conn.close()
+def _check_answers(proc: _Server, model: dict[str, Any], *, retry_s: float = 0.0) -> None:
+    """One request, its answer against ONNX Runtime in-process; a non-200 is retried for
+    ``retry_s`` (a framework whose health route answers before its model route does)."""
+    deadline = time.monotonic() + retry_s
+    while True:
+        conn = http.client.HTTPConnection("127.0.0.1", proc.port, timeout=30)
+        try:
+            conn.request("POST", f"/v2/models/{MODEL_NAME}/infer", body=model["body"],
+                         headers={"Content-Type": "application/json"})  # fmt: skip
+            response = conn.getresponse()
+            data = response.read()
+        except OSError as exc:
+            raise AssertionError(f"no answer from port {proc.port}: {exc}") from None
+        finally:
+            conn.close()
+        if response.status == 200 or time.monotonic() >= deadline or not proc.alive():
+            break
+        time.sleep(0.5)
     if response.status != 200:
         raise AssertionError(f"HTTP {response.status}: {data[:300]!r}")
-    got = np.asarray(json.loads(data)["outputs"][0]["data"], dtype=np.float32)
-    np.testing.assert_allclose(got, model["expected"], rtol=1e-4, atol=1e-4)
+    try:
+        got = np.asarray(json.loads(data)["outputs"][0]["data"], dtype=np.float32)
+        np.testing.assert_allclose(got, model["expected"], rtol=1e-4, atol=1e-4)
+    except (ValueError, KeyError, IndexError, TypeError) as exc:
+        raise AssertionError(f"not an OIP v2 answer ({exc}): {data[:300]!r}") from None
+
+
+# --- the peers: other serving frameworks, each from an environment of its own -------------------
+
+
+def _same(name: str) -> str:
+    return f"{name}=={metadata.version(name)}"  # the version shipyard's environment runs
+
+
+PEERS: dict[str, dict[str, Any]] = {
+    "litserve": {
+        "requirements": ["litserve==0.2.19", _same("onnxruntime"), _same("numpy")],
+        "packages": ["litserve", "fastapi", "uvicorn", "pydantic", "pyzmq", "onnxruntime"],
+        "setup": "benchmarks/serving_litserve_app.py: LitAPI, max_batch_size=1 (batching off), "
+        "1 worker, 1 API server process, fast_queue=True (ZeroMQ), access log off",
+    },
+    "bentoml": {
+        "requirements": ["bentoml==1.4.40", _same("onnxruntime"), _same("numpy")],
+        "packages": ["bentoml", "starlette", "uvicorn", "pydantic", "onnxruntime"],
+        "setup": "benchmarks/serving_bentoml_app.py: @bentoml.service(workers=1), async "
+        "@bentoml.api (not batchable), access log off; `bentoml serve`",
+    },
+    "rayserve": {
+        "requirements": ["ray[serve]==2.60.0", _same("onnxruntime"), _same("numpy")],
+        "packages": ["ray", "starlette", "uvicorn", "fastapi", "onnxruntime"],
+        "setup": "benchmarks/serving_rayserve_app.py: @serve.deployment(num_replicas=1, "
+        "num_cpus=1, max_ongoing_requests=256), async __call__(starlette Request), no "
+        "@serve.batch; ray.init(num_cpus=1, no dashboard), Serve's HTTP proxy",
+    },
+}
+
+
+def _start_peer(peer: str, python: Path, tmp: Path, model: dict[str, Any], *, pin: bool) -> _Server:
+    port = free_port()
+    env = child_env(PYTHONUNBUFFERED="1", SERVING_BASELINE_MODEL=str(model["path"]))
+    log = tmp / f"{peer}-{port}.log"
+    if peer == "litserve":
+        argv = [str(python), str(BENCH_DIR / "serving_litserve_app.py"),
+                "--model", str(model["path"]), "--port", str(port)]  # fmt: skip
+        return _start(argv, env, log, port, pin=pin, shipyard=False, ready="/health",
+                      timeout=120)  # fmt: skip
+    if peer == "bentoml":
+        env.update(BENTOML_HOME=str(tmp / "bentoml"), BENTOML_DO_NOT_TRACK="True")
+        argv = [str(python.parent / "bentoml"), "serve", "serving_bentoml_app:DigitsService",
+                "--working-dir", str(BENCH_DIR), "--host", "127.0.0.1",
+                "--port", str(port)]  # fmt: skip
+        return _start(argv, env, log, port, pin=pin, shipyard=False, ready="/readyz",
+                      timeout=120)  # fmt: skip
+    if peer == "rayserve":
+        # Ray's socket paths must stay under ~107 bytes: a short folder of its own.
+        ray_tmp = tempfile.mkdtemp(prefix="sy-ray-", dir="/tmp")
+        env.update(RAY_USAGE_STATS_ENABLED="0")
+        argv = [str(python), str(BENCH_DIR / "serving_rayserve_app.py"),
+                "--model", str(model["path"]), "--port", str(port),
+                "--temp-dir", ray_tmp]  # fmt: skip
+        proc = _start(argv, env, log, port, pin=pin, shipyard=False, ready="/-/healthz",
+                      timeout=240)  # fmt: skip
+        proc.cleanup = ray_tmp
+        return proc
+    raise AssertionError(f"no starter for peer {peer!r}")
+
+
+def _vs_peers(
+    comparison: dict[str, dict[str, dict[str, Any]]], concurrency: tuple[int, ...]
+) -> dict[str, dict[str, dict[str, float | None]]]:
+    """shipyard's ratios to every other server that ran (FastAPI and the peers)."""
+    ours = comparison.get("shipyard")
+    if ours is None:
+        return {}
+    out: dict[str, dict[str, dict[str, float | None]]] = {}
+    for peer, runs in comparison.items():
+        if peer == "shipyard":
+            continue
+        out[peer] = {
+            f"c{c}": {
+                "rps": ratio(ours[str(c)]["rps"], runs[str(c)]["rps"]),
+                "p50": ratio(ours[str(c)]["p50_ms"], runs[str(c)]["p50_ms"]),
+                "p99": ratio(ours[str(c)]["p99_ms"], runs[str(c)]["p99_ms"]),
+                "cpu_per_request": ratio(
+                    runs[str(c)]["cpu_us_per_request"], ours[str(c)]["cpu_us_per_request"]
+                ),
+            }
+            for c in concurrency
+        }
+    return out
+
+
+def _table(
+    comparison: dict[str, dict[str, dict[str, Any]]],
+    vs_peers: dict[str, dict[str, dict[str, float | None]]],
+    concurrency: tuple[int, ...],
+) -> dict[str, Any]:
+    """One row per (server, c): req/s, p50, p99, CPU/request, shipyard's req/s ratio to it."""
+    rows, text = (
+        [],
+        [
+            f"{'server':10s} {'c':>3s} {'req/s':>8s} {'p50 ms':>8s} {'p99 ms':>8s} "
+            f"{'CPU us/req':>10s} {'shipyard x':>10s}"
+        ],
+    )
+    for name, runs in comparison.items():
+        for c in concurrency:
+            run = runs[str(c)]
+            x = None if name == "shipyard" else vs_peers.get(name, {}).get(f"c{c}", {}).get("rps")
+            rows.append({"server": name, "c": c, "rps": run["rps"], "p50_ms": run["p50_ms"],
+                         "p99_ms": run["p99_ms"], "cpu_us_per_request": run["cpu_us_per_request"],
+                         "shipyard_rps_ratio": x})  # fmt: skip
+            text.append(
+                f"{name:10s} {c:3d} {run['rps']:8.0f} {run['p50_ms']:8.3f} {run['p99_ms']:8.3f} "
+                f"{run['cpu_us_per_request']:10.0f} {'' if x is None else f'{x:.2f}x':>10s}"
+            )
+    return {"rows": rows, "text": text}
 
 
 def _call_ms(model_bytes: bytes) -> dict[str, float]:
