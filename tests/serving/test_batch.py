@@ -23,6 +23,7 @@ from shipyard.client import Client
 from shipyard.client.http import HttpBackend
 from shipyard.client.local import LocalBackend
 from shipyard.context import Context
+from shipyard.data import datasets, profile
 from shipyard.domain.models import DatasetVersion, ModelVersion
 from shipyard.errors import InvalidInputError, NotFoundError
 from shipyard.serving import batch
@@ -117,8 +118,16 @@ def probabilities(table: pa.Table) -> np.ndarray:
     return column.flatten().to_numpy().reshape(len(column), -1)
 
 
+def assert_profile_as_read_back(ctx: Context, out: DatasetVersion) -> None:
+    """The profile batch inference recorded (from the tables it wrote, not read back by the
+    commit) is the one profiling the committed files gives."""
+    files = datasets.list_files(ctx, project=P, name=out.dataset, version=out.version)
+    assert out.profile == profile.profile_files(ctx, files)
+    assert len(out.profile.tables) == len([f for f in files if profile.is_table(f.path)])
+
+
 def test_predictions_match_onnxruntime_table_by_table(
-    client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    client: Client, ctx: Context, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model = classifier()
     register(client, tmp_path, model)
@@ -152,6 +161,7 @@ def test_predictions_match_onnxruntime_table_by_table(
         assert got.column("label").to_pylist() == expected["label"].tolist()
         np.testing.assert_allclose(probabilities(got), expected["probabilities"], rtol=1e-6)
     assert seen[-1] == (1037, 1037)
+    assert_profile_as_read_back(ctx, out)
     assert [done for done, _ in seen] == sorted(done for done, _ in seen)
 
 
@@ -296,9 +306,12 @@ def test_one_worker_runs_the_model_in_this_process(
     assert got.column("id").to_pylist() == table.column("id").to_pylist()
     assert got.column("label").to_pylist() == want["label"].tolist()
     np.testing.assert_allclose(probabilities(got), want["probabilities"], rtol=1e-5, atol=1e-6)
+    assert_profile_as_read_back(ctx, out)
 
 
-def test_a_table_without_rows_gives_one_without_rows(client: Client, tmp_path: Path) -> None:
+def test_a_table_without_rows_gives_one_without_rows(
+    client: Client, ctx: Context, tmp_path: Path
+) -> None:
     register(client, tmp_path, classifier())
     commit(client, tmp_path / "src", "empty", {"t.parquet": features_table(0)})
     out = client.models.batch_predict("clf", input="empty", output="scores", keep=["id"])
@@ -307,6 +320,7 @@ def test_a_table_without_rows_gives_one_without_rows(client: Client, tmp_path: P
     assert got.column_names == ["id", "label", "probabilities"]
     assert got.schema.field("label").type == pa.int64()
     assert got.schema.field("probabilities").type == pa.list_(pa.float32(), CLASSES)
+    assert_profile_as_read_back(ctx, out)
 
 
 def test_unknown_model_alias_and_bad_options_are_refused(client: Client, tmp_path: Path) -> None:

@@ -19,7 +19,9 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from array import array
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +83,7 @@ MANIFEST_SCHEMA = pa.schema(
 )
 
 _COMMIT_ATTEMPTS = 5
+_MAX_STRING_BYTES = 2**31 - 1  # a string column's 32-bit offsets
 _VERSION_RE = re.compile(r"^v?([0-9]{1,9})$")
 
 
@@ -121,6 +124,36 @@ def commit_files(
     )
 
 
+def commit_stored(
+    ctx: Context,
+    *,
+    project: str,
+    name: str,
+    files: Sequence[FileEntry],
+    message: str = "",
+    stored: frozenset[str],
+    profiles: Mapping[str, TableProfile],
+) -> DatasetVersion:
+    """:func:`commit_files` for files this process has just put into ``ctx.blobs``: ``stored``
+    holds the digests of the blobs that the put created (their content hashed on the way in,
+    as :func:`commit_directory` trusts its own), which are not re-hashed; ``profiles`` maps
+    digests of tables to their profile as :func:`~shipyard.data.profile.profile_table` gives
+    it for the file's content (``path`` is set per entry), so those tables are not read again
+    to profile them. Everything else is checked as by ``commit_files``; a digest in neither is
+    re-hashed and profiled as usual. For in-process callers that wrote the files (batch
+    inference), never for content from a client."""
+    return _commit(
+        ctx,
+        project=project,
+        name=name,
+        files=files,
+        message=message,
+        progress=None,
+        verified=frozenset(stored),
+        profiles=profiles,
+    )
+
+
 def _commit(
     ctx: Context,
     *,
@@ -131,6 +164,7 @@ def _commit(
     progress: Progress | None,
     verified: frozenset[str],
     checks: quality.Suite | None = None,
+    profiles: Mapping[str, TableProfile] | None = None,
 ) -> DatasetVersion:
     validate_name(project, field="project")
     validate_name(name, field="name")
@@ -153,7 +187,7 @@ def _commit(
         entries,
         suite=quality.suite_for(ctx, entries, checks=checks),
         parent_files=base_files,
-        known=_known_tables(base, base_files),
+        known={**(profiles or {}), **_known_tables(base, base_files)},
         progress=progress,
     )
     manifest_digest = ctx.blobs.put_bytes(_manifest_bytes(entries)).digest
@@ -659,21 +693,41 @@ def _new_bytes(entries: Iterable[FileEntry], base_files: Iterable[FileEntry]) ->
 
 
 def _manifest_bytes(entries: list[FileEntry]) -> bytes:
-    columns = {
-        "path": [e.path for e in entries],
-        "digest": [e.digest for e in entries],
-        "size": [e.size for e in entries],
-    }
-    table = pa.table(columns, schema=MANIFEST_SCHEMA)
+    """The manifest as Parquet. Its columns are built from buffers, not with ``pa.array`` /
+    ``pa.table``: those ask whether their input is a pandas object, which imports pandas (0.4-0.7
+    s in a fresh process, on every commit)."""
+    arrays = [
+        _string_array([e.path for e in entries]),
+        _string_array([e.digest for e in entries]),
+        pa.Array.from_buffers(
+            pa.int64(), len(entries), [None, pa.py_buffer(array("q", [e.size for e in entries]))]
+        ),
+    ]
+    table = pa.Table.from_arrays(arrays, schema=MANIFEST_SCHEMA)
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     return bytes(sink.getvalue().to_pybytes())
 
 
+def _string_array(values: list[str]) -> pa.Array:
+    """A string column (no nulls) from its values' UTF-8 bytes and their offsets."""
+    encoded = [v.encode() for v in values]
+    data = b"".join(encoded)
+    if len(data) > _MAX_STRING_BYTES:
+        raise InvalidInputError(
+            f"the manifest's paths (or digests) take {len(data)} bytes, over the "
+            f"{_MAX_STRING_BYTES} a column holds; commit the files as several datasets",
+            field="files",
+        )
+    offsets = array("i", [0])
+    offsets.extend(accumulate(len(item) for item in encoded))
+    return pa.StringArray.from_buffers(len(values), pa.py_buffer(offsets), pa.py_buffer(data))
+
+
 def _parse_table(path: str, data: bytes) -> pa.Table:
     if path.lower().endswith(".csv"):
         return pa_csv.read_csv(pa.BufferReader(data))
-    return pq.read_table(pa.BufferReader(data))
+    return pq.ParquetFile(pa.BufferReader(data)).read()  # no pyarrow.dataset (nor pandas)
 
 
 def _is_table(path: str) -> bool:

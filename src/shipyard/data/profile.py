@@ -77,11 +77,15 @@ def is_table(path: str) -> bool:
     return path.lower().endswith(TABLE_SUFFIXES)
 
 
-def parse_table(path: str, data: bytes) -> pa.Table:
-    """Parse a CSV (by suffix) or Parquet file's bytes into an Arrow table."""
+def parse_table(path: str, data: bytes | bytearray | memoryview) -> pa.Table:
+    """Parse a CSV (by suffix) or Parquet file's bytes into an Arrow table.
+
+    A Parquet file is read through ``pq.ParquetFile``, not ``pq.read_table``: the latter goes
+    through ``pyarrow.dataset``, whose import brings pandas in (0.7 s in a fresh process, on
+    every commit that profiles a table)."""
     if path.lower().endswith(".csv"):
         return pa_csv.read_csv(pa.BufferReader(data))
-    return pq.read_table(pa.BufferReader(data))
+    return pq.ParquetFile(pa.BufferReader(data)).read()
 
 
 def read_table(ctx: Context, entry: FileEntry) -> TableRead:

@@ -73,15 +73,17 @@ from shipyard.compute.executors.base import ExecutorUnavailableError
 from shipyard.compute.executors.ray import RayExecutor
 from shipyard.context import Context
 from shipyard.data import datasets, transform
-from shipyard.domain.models import DatasetVersion, FileEntry, ModelVersion
+from shipyard.data.profile import PROFILE_MAX_BYTES, profile_table
+from shipyard.domain.models import DatasetVersion, FileEntry, ModelVersion, TableProfile
 from shipyard.domain.names import validate_name
 from shipyard.domain.principals import Role
 from shipyard.errors import BackendError, InvalidInputError
 from shipyard.security import audit
+from shipyard.security.blobrefs import add_refs
 from shipyard.security.rbac import authorize
 from shipyard.serving import _batch_worker as worker
 from shipyard.serving.runtime import OnnxModel, TensorSpec, load_model
-from shipyard.store.queries import add_edge
+from shipyard.store.queries import add_edge, project_id
 from shipyard.tracking import registry
 
 On = Literal["local", "ray"]
@@ -181,12 +183,22 @@ def batch_predict(
             outputs, rows = _run_ray(
                 ctx, tables, model_bytes, Path(tmp), address, workers=count, label=label
             )
-        entries = transform._store(ctx, project=project, outputs=outputs)
+        entries, stored, profiles = _store(ctx, project=project, outputs=outputs)
     message = (
         f"batch inference with {version.model} v{version.version} over "
         f"{found.dataset}@v{found.version}"
     )
-    out = datasets.commit_files(ctx, project=project, name=to, files=entries, message=message)
+    # the blobs were hashed as they were stored and the tables profiled as they were written:
+    # the commit neither re-hashes nor re-reads them
+    out = datasets.commit_stored(
+        ctx,
+        project=project,
+        name=to,
+        files=entries,
+        message=message,
+        stored=stored,
+        profiles=profiles,
+    )
     _record(
         ctx,
         project=project,
@@ -201,6 +213,37 @@ def batch_predict(
 
 
 # --- resolving and planning ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Output:
+    """One written output table: its file and its profile (None: left to the commit)."""
+
+    file: Path
+    profile: TableProfile | None
+
+
+def _store(
+    ctx: Context, *, project: str, outputs: dict[str, _Output]
+) -> tuple[list[FileEntry], frozenset[str], dict[str, TableProfile]]:
+    """Put the written files into the blob store (the project then holds them): their entries,
+    the digests of the blobs this put created (hashed on the way in) and the profiles by
+    digest."""
+    entries: list[FileEntry] = []
+    created: set[str] = set()
+    profiles: dict[str, TableProfile] = {}
+    for path, output in outputs.items():
+        put = ctx.blobs.put_file(output.file)
+        if put.created:
+            created.add(put.digest)
+        if output.profile is not None:
+            profiles[put.digest] = output.profile
+        entries.append(FileEntry(path=path, digest=put.digest, size=put.size))
+    if entries:
+        with ctx.db.transaction() as s:
+            digests = sorted({e.digest for e in entries})
+            add_refs(s, project_pk=project_id(s, project, create=True), digests=digests)
+    return entries, frozenset(created), profiles
 
 
 def _model(ctx: Context, *, project: str, ref: str) -> tuple[ModelVersion, bytes, OnnxModel]:
@@ -267,7 +310,11 @@ def _table_bytes(ctx: Context, digest: str) -> bytes | bytearray:
     """A table's bytes, verified against their digest. From a local store they are read into
     one buffer and hashed once (``get_bytes`` verifies a chunked blob's every chunk, then
     joins them into a copy and hashes the whole again: a third of the time of a large batch
-    job's overhead); on a mismatch ``get_bytes`` reads them again and raises its error."""
+    job's overhead); on a mismatch ``get_bytes`` reads them again and raises its error.
+
+    The buffer is a plain ``bytearray``: an uninitialised Arrow or numpy buffer measured slower
+    in a fresh process (their allocators ask for huge pages, whose faults may compact memory),
+    though faster when a warm process reuses freed memory."""
     if not ctx.blobs.is_local:
         return ctx.blobs.get_bytes(digest)
     segments = ctx.blobs.segments(digest)
@@ -460,12 +507,12 @@ def _run_local(
     workers: int,
     label: str,
     progress: RowProgress | None,
-) -> tuple[dict[str, Path | str], int]:
+) -> tuple[dict[str, _Output], int]:
     """Every table through the model: in this process on the session already loaded when
     ``workers`` is 1 (a worker process would only add its start and the pickling of every
     chunk, on the same core), else through a pool of ``workers`` processes. The written Parquet
-    files by output path, and the rows predicted."""
-    outputs: dict[str, Path | str] = {}
+    files (and their profiles) by output path, and the rows predicted."""
+    outputs: dict[str, _Output] = {}
     total = sum(t.rows or 0 for t in tables)
     done = 0
     with contextlib.ExitStack() as stack:
@@ -485,7 +532,7 @@ def _run_local(
                         total += rows
                     if progress is not None:
                         progress(done, total, table.entry.path)
-            outputs[table.out_path] = dest
+            outputs[table.out_path] = _Output(dest, writer.profile())
     return outputs, done
 
 
@@ -585,12 +632,21 @@ def _failed(label: str, path: str, what: str, trace: str = "") -> InvalidInputEr
 class _Writer:
     """One output table: Parquet, every part in one schema. Dictionary encoding only for the
     kept columns that are not numbers (a label, a name): on predictions and numeric ids (unique
-    values) it costs up to four times the write and makes the file larger."""
+    values) it costs up to four times the write and makes the file larger.
+
+    The parts written are kept (they are in memory already) so that, once the file is closed,
+    :meth:`profile` gives the profile the commit would compute by reading the file back: the
+    parts as one table, cast to the file's own Arrow schema (as a reader sees it: a list's item
+    is named ``element`` there), its number columns in one chunk as ``profile.parse_table``
+    reads them (see :func:`_as_read`). Past ``PROFILE_MAX_BYTES`` in memory the parts are
+    dropped and the commit profiles the file itself."""
 
     def __init__(self, dest: Path, keep: Sequence[str] = ()) -> None:
         self.dest = dest
         self.keep = list(keep)
         self._writer: pq.ParquetWriter | None = None
+        self._parts: list[pa.Table] | None = []
+        self._held = 0
 
     def __enter__(self) -> _Writer:
         return self
@@ -602,10 +658,44 @@ class _Writer:
         elif not table.schema.equals(self._writer.schema):
             table = table.cast(self._writer.schema)  # e.g. a list typed from the signature
         self._writer.write_table(table)
+        if self._parts is not None:
+            self._held += table.nbytes
+            if self._held > PROFILE_MAX_BYTES:
+                self._parts = None
+            else:
+                self._parts.append(table)
+
+    def profile(self) -> TableProfile | None:
+        """The written file's profile (``path`` empty), or None: left to the commit (too large,
+        nothing written, or a table Arrow will not put in one chunk)."""
+        parts, self._parts = self._parts, None
+        if not parts or not self.dest.exists() or self.dest.stat().st_size > PROFILE_MAX_BYTES:
+            return None
+        try:
+            schema = pq.read_schema(self.dest)
+            table = pa.concat_tables(parts)
+            if table.schema.names != schema.names:
+                return None
+            columns = [_as_read(table.column(i), field.type) for i, field in enumerate(schema)]
+            table = pa.Table.from_arrays(columns, schema=schema)
+        except (pa.ArrowException, OSError):
+            return None
+        return profile_table(table, path="")
 
     def __exit__(self, *exc: object) -> None:
         if self._writer is not None:
             self._writer.close()
+
+
+def _as_read(column: pa.ChunkedArray, kind: pa.DataType) -> pa.ChunkedArray:
+    """``column`` as a reader of its file gets it, for profiling: of the file's type, and a
+    number column in one chunk (its mean and deviation are summed chunk by chunk). Other
+    columns keep their chunks: what is profiled of them (counts, distinct values) does not
+    depend on them, and joining a list column of predictions would copy it all."""
+    column = column.cast(kind)  # even when "equal": that ignores the names of list items
+    if column.num_chunks > 1 and (pa.types.is_integer(kind) or pa.types.is_floating(kind)):
+        column = pa.chunked_array([column.combine_chunks()], type=kind)
+    return column
 
 
 @contextlib.contextmanager
@@ -663,10 +753,10 @@ def _run_ray(
     *,
     workers: int,
     label: str,
-) -> tuple[dict[str, Path | str], int]:
+) -> tuple[dict[str, _Output], int]:
     """Every table as a Ray Dataset mapped over an actor pool of ``workers`` sessions."""
     executor = RayExecutor(address)
-    outputs: dict[str, Path | str] = {}
+    outputs: dict[str, _Output] = {}
     rows = 0
     try:
         transform._probe(executor.host, executor.port, address)
@@ -677,8 +767,11 @@ def _run_ray(
                 for n, table in enumerate(tables):
                     data = table.read(ctx)
                     dest = tmp / f"{n}.parquet"
-                    rows += _ray_table(ray, table, data, model, dest, workers=workers, label=label)
-                    outputs[table.out_path] = dest
+                    found, profile = _ray_table(
+                        ray, table, data, model, dest, workers=workers, label=label
+                    )
+                    rows += found
+                    outputs[table.out_path] = _Output(dest, profile)
         except ExecutorUnavailableError as exc:
             raise transform._unreachable(address, exc.reason) from None
     finally:
@@ -695,15 +788,16 @@ def _ray_table(
     *,
     workers: int,
     label: str,
-) -> int:
+) -> tuple[int, TableProfile | None]:
     """One table through :func:`._batch_worker.run_dataset`, a Ray task (no CPU of its own)
-    that runs the Ray Data pipeline on the cluster; the result is written here."""
+    that runs the Ray Data pipeline on the cluster; the result is written here. Its rows and
+    profile."""
     source = _read(table.entry.path, data)
     if source.num_rows == 0:
         empty = worker.empty_schema(table.plan, source.schema)
         with _Writer(dest, table.plan.keep) as writer:
             writer.write(pa.Table.from_batches([], schema=empty))
-        return 0
+        return 0, writer.profile()
     source = source.append_column(
         worker.ROW_COLUMN, pa.array(np.arange(source.num_rows, dtype=np.int64))
     )
@@ -717,7 +811,7 @@ def _ray_table(
         raise _failed(label, table.entry.path, _ray_reason(ray, exc)) from None
     with _Writer(dest, table.plan.keep) as writer:
         writer.write(result)
-    return int(result.num_rows)
+    return int(result.num_rows), writer.profile()
 
 
 def _ray_reason(ray: types.ModuleType, error: BaseException) -> str:
@@ -731,7 +825,7 @@ def _ray_reason(ray: types.ModuleType, error: BaseException) -> str:
 
 def _read(path: str, data: bytes | bytearray) -> pa.Table:
     if path.lower().endswith(".parquet"):
-        return pq.read_table(pa.BufferReader(data))
+        return pq.ParquetFile(pa.BufferReader(data)).read()  # no pyarrow.dataset (nor pandas)
     return pa_csv.read_csv(pa.BufferReader(data))
 
 
