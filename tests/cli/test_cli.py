@@ -206,6 +206,21 @@ def test_models_deploy_predict_and_stop(home: Path, tmp_path: Path) -> None:
         assert "ready" in shown.stdout and "production=100" in shown.stdout
         old_name = shipyard(home, "endpoints", "list")  # the deprecated alias still answers
         assert old_name.returncode == 0 and "lin" in old_name.stdout
+        scaled = shipyard(
+            home, "deployments", "update", "lin", "--target-in-flight", "4",
+            "--scale-down-delay", "30",
+        )  # fmt: skip
+        assert scaled.returncode == 0, scaled.stderr
+        policy = client.deployments.get("lin").spec.autoscaling
+        assert policy is not None and policy.target_in_flight == 4
+        assert policy.scale_down_delay_s == 30
+        both = shipyard(home, "deployments", "update", "lin", "--no-autoscale",
+                        "--target-in-flight", "2")  # fmt: skip
+        assert both.returncode == 1 and "--no-autoscale turns autoscaling off" in both.stderr
+        assert client.deployments.get("lin").spec.autoscaling == policy  # unchanged
+        off = shipyard(home, "deployments", "update", "lin", "--no-autoscale")
+        assert off.returncode == 0, off.stderr
+        assert client.deployments.get("lin").spec.autoscaling is None
     finally:
         stopped = shipyard(home, "deployments", "stop", "lin")
     assert stopped.returncode == 0 and "stopped" in stopped.stdout

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.console import Console
@@ -29,6 +29,7 @@ from shipyard.compute.policy import POLICIES
 from shipyard.context import open_context
 from shipyard.demo.lifecycle import Reporter, follow_job, run_demo
 from shipyard.domain.models import (
+    AutoscalingSpec,
     BatchingSpec,
     DatasetVersion,
     Deployment,
@@ -1021,14 +1022,19 @@ def deployments_show(name: str, project: ProjectOpt = None) -> None:
 @deployments_app.command("scale")
 def deployments_scale(
     name: str,
-    min_replicas: Annotated[int, typer.Option("--min", help="Replicas per target, at least.")],
+    min_replicas: Annotated[
+        int,
+        typer.Option(
+            "--min", help="Replicas per target, at least (0: scale to zero; needs autoscaling)."
+        ),
+    ],
     max_replicas: Annotated[
         int | None, typer.Option("--max", help="Replicas per target, at most.")
     ] = None,
     wait: WaitOpt = True,
     project: ProjectOpt = None,
 ) -> None:
-    """Change how many replicas each target runs."""
+    """Change how many replicas each target runs (with autoscaling: its bounds)."""
     dep = _client().deployments.scale(
         name, min=min_replicas, max=max_replicas, wait=wait, project=project
     )
@@ -1041,12 +1047,45 @@ def deployments_update(
     target: TargetOpt = None,
     max_batch_size: Annotated[int | None, typer.Option(help="Adaptive batcher: max rows.")] = None,
     max_wait_ms: Annotated[float | None, typer.Option(help="Adaptive batcher: max wait.")] = None,
+    target_in_flight: Annotated[
+        float | None,
+        typer.Option(help="Autoscale replicas (min..max) to this many requests in flight each."),
+    ] = None,
+    scale_down_delay: Annotated[
+        float | None, typer.Option(help="Autoscaling: seconds of lower load before scaling down.")
+    ] = None,
+    no_autoscale: Annotated[
+        bool, typer.Option("--no-autoscale", help="Turn autoscaling off.")
+    ] = False,
     wait: WaitOpt = True,
     project: ProjectOpt = None,
 ) -> None:
     """Change targets (a rollout: new replicas start, traffic moves once they are ready, the old
-    ones drain; a version that fails to load leaves the old one serving) or the batcher."""
+    ones drain; a version that fails to load leaves the old one serving), the batcher or the
+    autoscaling policy."""
     client = _client()
+    autoscaling: AutoscalingSpec | Literal[False] | None = None
+    if no_autoscale:
+        if target_in_flight is not None or scale_down_delay is not None:
+            raise InvalidInputError(
+                "--no-autoscale turns autoscaling off; leave out --target-in-flight and "
+                "--scale-down-delay",
+                field="no_autoscale",
+            )
+        autoscaling = False
+    elif target_in_flight is not None or scale_down_delay is not None:
+        policy = client.deployments.get(name, project=project).spec.autoscaling
+        policy = policy or AutoscalingSpec()
+        autoscaling = policy.model_copy(
+            update={
+                k: v
+                for k, v in (
+                    ("target_in_flight", target_in_flight),
+                    ("scale_down_delay_s", scale_down_delay),
+                )
+                if v is not None
+            }
+        )
     batching = None
     if max_batch_size is not None or max_wait_ms is not None:
         current = client.deployments.get(name, project=project).spec.batching
@@ -1054,12 +1093,16 @@ def deployments_update(
             max_batch=current.max_batch if max_batch_size is None else max_batch_size,
             wait_ms=current.wait_ms if max_wait_ms is None else max_wait_ms,
         )
-    if not target and batching is None:
-        raise InvalidInputError("nothing to change: give --target or a batcher option", "target")
+    if not target and batching is None and autoscaling is None:
+        raise InvalidInputError(
+            "nothing to change: give --target, a batcher or an autoscaling option",
+            field="target",
+        )
     dep = client.deployments.update(
         name,
         targets=_parse_targets(target) if target else None,
         batching=batching,
+        autoscaling=autoscaling,
         wait=wait,
         project=project,
     )
@@ -1119,7 +1162,7 @@ def _parse_targets(values: list[str]) -> list[DeploymentTarget]:
         ref, _, share = value.partition("=")
         ref = ref.strip()
         if not ref:
-            raise InvalidInputError(f"--target {value!r} names no version or alias", "target")
+            raise InvalidInputError(f"--target {value!r} names no version or alias", field="target")
         shadow = share.strip().lower() == "shadow"
         if share and not shadow:
             try:

@@ -24,6 +24,7 @@ from shipyard.domain.models import (
     Artifact,
     AuditEvent,
     AuditVerification,
+    AutoscalingSpec,
     BatchingSpec,
     Dataset,
     DatasetVersion,
@@ -287,6 +288,7 @@ class Backend(ABC):
         replicas: ReplicaBounds | None = None,
         resources: ReplicaResources | None = None,
         batching: BatchingSpec | None = None,
+        autoscaling: AutoscalingSpec | Literal[False] | None = None,
     ) -> Deployment: ...
     @abstractmethod
     def scale_deployment(
@@ -295,11 +297,13 @@ class Backend(ABC):
     @abstractmethod
     def settle_deployment(self, *, project: str, name: str, timeout: float) -> Deployment:
         """Return once the deployment has settled (``Deployment.settled``) or ``timeout``."""
+
     @abstractmethod
     def predict(
         self, *, project: str, name: str, request: dict[str, Any], request_id: str | None = None
     ) -> dict[str, Any]:
         """Send one OIP v2 inference request to the deployment; its OIP response body."""
+
     @abstractmethod
     def list_deployments(self, *, project: str) -> list[Deployment]: ...
     @abstractmethod

@@ -33,6 +33,7 @@ from shipyard.data.fs import HttpSource, LocalSource, ShipyardFile, Source, open
 from shipyard.data.statcache import StatCache
 from shipyard.data.worktree import CheckoutResult, LinkMode, WorktreeStatus
 from shipyard.domain.models import (
+    AutoscalingSpec,
     BatchingSpec,
     Dataset,
     DatasetVersion,
@@ -600,11 +601,15 @@ class DeploymentsClient(_Resource):
         replicas: ReplicaBounds | None = None,
         resources: ReplicaResources | None = None,
         batching: BatchingSpec | None = None,
+        autoscaling: AutoscalingSpec | Literal[False] | None = None,
         wait: bool = True,
         timeout: float = DEPLOY_TIMEOUT_S,
         project: str | None = None,
     ) -> Deployment:
-        """Change parts of the spec; new targets roll out (see ``serving.reconciler``)."""
+        """Change parts of the spec; new targets roll out (see ``serving.reconciler``).
+
+        ``autoscaling``: a policy to scale replicas between ``replicas.min`` and ``max`` on
+        in-flight requests, False to turn it off, None to leave it as it is."""
         project = self._project(project)
         updated = self._b.update_deployment(
             project=project,
@@ -613,6 +618,7 @@ class DeploymentsClient(_Resource):
             replicas=replicas,
             resources=resources,
             batching=batching,
+            autoscaling=autoscaling,
         )
         return self._settled(updated, project, wait=wait, timeout=timeout)
 
@@ -658,9 +664,7 @@ class DeploymentsClient(_Resource):
     ) -> Deployment:
         if not wait:
             return deployment
-        settled = self._b.settle_deployment(
-            project=project, name=deployment.name, timeout=timeout
-        )
+        settled = self._b.settle_deployment(project=project, name=deployment.name, timeout=timeout)
         failure = settled.rollout.error if settled.rollout is not None else None
         if settled.status is DeploymentStatus.FAILED or failure:
             raise BackendError(

@@ -39,6 +39,7 @@ from shipyard.domain.models import (
     Artifact,
     AuditEvent,
     AuditVerification,
+    AutoscalingSpec,
     BatchingSpec,
     Dataset,
     DatasetVersion,
@@ -751,6 +752,7 @@ class HttpBackend(Backend):
         replicas: ReplicaBounds | None = None,
         resources: ReplicaResources | None = None,
         batching: BatchingSpec | None = None,
+        autoscaling: AutoscalingSpec | Literal[False] | None = None,
     ) -> Deployment:
         body = _unchecked(
             UpdateDeploymentRequest,
@@ -759,11 +761,13 @@ class HttpBackend(Backend):
             resources=resources,
             batching=batching,
         )
+        payload = body.model_dump(mode="json", exclude_none=True)
+        if autoscaling is not None:  # null (False) turns it off; absent leaves it
+            payload["autoscaling"] = (
+                None if autoscaling is False else autoscaling.model_dump(mode="json")
+            )
         return self._json(
-            "PATCH",
-            f"{self._p(project)}/deployments/{_seg(name)}",
-            Deployment,
-            json=body.model_dump(mode="json", exclude_none=True),
+            "PATCH", f"{self._p(project)}/deployments/{_seg(name)}", Deployment, json=payload
         )
 
     def scale_deployment(

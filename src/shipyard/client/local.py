@@ -19,6 +19,7 @@ from shipyard.domain.models import (
     Artifact,
     AuditEvent,
     AuditVerification,
+    AutoscalingSpec,
     BatchingSpec,
     Dataset,
     DatasetVersion,
@@ -407,6 +408,7 @@ class LocalBackend(Backend):
         replicas: ReplicaBounds | None = None,
         resources: ReplicaResources | None = None,
         batching: BatchingSpec | None = None,
+        autoscaling: AutoscalingSpec | Literal[False] | None = None,
     ) -> Deployment:
         deployments.update_deployment(
             self.ctx,
@@ -416,6 +418,11 @@ class LocalBackend(Backend):
             replicas=replicas,
             resources=resources,
             batching=batching,
+            autoscaling=(
+                deployments.UNCHANGED
+                if autoscaling is None
+                else (None if autoscaling is False else autoscaling)
+            ),
         )
         return self._reconciled(project, name)
 

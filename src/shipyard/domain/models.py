@@ -390,9 +390,10 @@ class DeploymentTarget(Model):
 
 
 class ReplicaBounds(Model):
-    """How many replicas each target runs: at least ``min`` (kept running), at most ``max``."""
+    """How many replicas each target runs: at least ``min`` (kept running), at most ``max``.
+    Without ``autoscaling`` each target runs ``min``; ``min`` 0 (scale to zero) needs it."""
 
-    min: Annotated[int, _bounds(1, 64)] = 1
+    min: Annotated[int, _bounds(0, 64)] = 1
     max: Annotated[int, _bounds(1, 64)] = 1
 
 
@@ -411,6 +412,19 @@ class BatchingSpec(Model):
     wait_ms: Annotated[float, _bounds(0, 10_000)] = 5.0
 
 
+class AutoscalingSpec(Model):
+    """Scale each target between ``replicas.min`` and ``replicas.max`` on its load, the way
+    KServe's concurrency target does: it wants ceil(requests in flight over its ready replicas
+    / ``target_in_flight``) replicas. A higher count is reached once it has been wanted for
+    ``scale_up_window_s`` (0: at once), a lower one only after ``scale_down_delay_s``; the
+    replicas beyond it are drained. With ``replicas.min`` 0 an idle target scales to zero and
+    the next request (the gateway calls ``reconciler.wake``) starts one again."""
+
+    target_in_flight: Annotated[float, _bounds(0.1, 10_000)] = 8.0
+    scale_up_window_s: Annotated[float, _bounds(0, 600)] = 0.0
+    scale_down_delay_s: Annotated[float, _bounds(0, 3600)] = 60.0
+
+
 class DeploymentSpec(Model):
     """A deployment's desired state; the reconciler (``serving.reconciler``) makes it so."""
 
@@ -420,6 +434,7 @@ class DeploymentSpec(Model):
     replicas: ReplicaBounds = Field(default_factory=ReplicaBounds)
     resources: ReplicaResources = Field(default_factory=ReplicaResources)
     batching: BatchingSpec = Field(default_factory=BatchingSpec)
+    autoscaling: AutoscalingSpec | None = None  # None: each target runs replicas.min
 
 
 MAX_TARGETS = 8
@@ -456,13 +471,22 @@ def check_deployment_spec(spec: DeploymentSpec) -> None:
             "targets",
         )
     bounds = spec.replicas
-    if not 1 <= bounds.min <= MAX_REPLICAS:
-        raise _spec_error(f"replicas.min must be between 1 and {MAX_REPLICAS}", "replicas.min")
-    if not bounds.min <= bounds.max <= MAX_REPLICAS:
+    if not 0 <= bounds.min <= MAX_REPLICAS:
+        raise _spec_error(f"replicas.min must be between 0 and {MAX_REPLICAS}", "replicas.min")
+    if bounds.min == 0 and spec.autoscaling is None:
         raise _spec_error(
-            f"replicas.max must be between replicas.min ({bounds.min}) and {MAX_REPLICAS}",
+            f"replicas.min must be between 1 and {MAX_REPLICAS} without autoscaling; 0 (scale "
+            'to zero) needs an autoscaling policy, e.g. {"autoscaling": {"target_in_flight": 8}}',
+            "replicas.min",
+        )
+    if not max(bounds.min, 1) <= bounds.max <= MAX_REPLICAS:
+        raise _spec_error(
+            f"replicas.max must be between {max(bounds.min, 1)} (at least 1 and replicas.min) "
+            f"and {MAX_REPLICAS}",
             "replicas.max",
         )
+    if spec.autoscaling is not None:
+        _check_autoscaling(spec.autoscaling)
     if not 1 <= spec.resources.cpus <= 256:
         raise _spec_error("resources.cpus must be between 1 and 256", "resources.cpus")
     if not 0 <= spec.resources.gpus <= 16:
@@ -471,6 +495,25 @@ def check_deployment_spec(spec: DeploymentSpec) -> None:
         raise _spec_error("batching.max_batch must be between 1 and 4096", "batching.max_batch")
     if not 0 <= spec.batching.wait_ms <= 10_000:
         raise _spec_error("batching.wait_ms must be between 0 and 10000", "batching.wait_ms")
+
+
+def _check_autoscaling(policy: AutoscalingSpec) -> None:
+    if not 0.1 <= policy.target_in_flight <= 10_000:
+        raise _spec_error(
+            "autoscaling.target_in_flight must be between 0.1 and 10000 requests in flight per "
+            "replica",
+            "autoscaling.target_in_flight",
+        )
+    if not 0 <= policy.scale_up_window_s <= 600:
+        raise _spec_error(
+            "autoscaling.scale_up_window_s must be between 0 and 600 seconds",
+            "autoscaling.scale_up_window_s",
+        )
+    if not 0 <= policy.scale_down_delay_s <= 3600:
+        raise _spec_error(
+            "autoscaling.scale_down_delay_s must be between 0 and 3600 seconds",
+            "autoscaling.scale_down_delay_s",
+        )
 
 
 def _spec_error(message: str, field: str) -> ShipyardError:
@@ -534,7 +577,9 @@ class Deployment(Model):
     def settled(self) -> bool:
         """Whether the reconciler is done with it for now: stopped; failed with nothing to
         serve; its rollout failed; or running with every serving target at its replica count
-        and nothing draining. (Failed replicas of a version that serves are being restarted.)"""
+        (at least ``replicas.min``), nothing draining and, when it was scaled to zero, not
+        waking (a replica starting, none ready). (Failed replicas of a version that serves
+        are being restarted.)"""
         if self.status is DeploymentStatus.STOPPED:
             return True
         if self.rollout is not None and self.rollout.error is not None:
@@ -551,6 +596,9 @@ class Deployment(Model):
                 ready[replica.version] = ready.get(replica.version, 0) + 1
             elif replica.state is ReplicaState.DRAINING:
                 return False
+        waking = any(r.state is ReplicaState.STARTING for r in self.replicas)
+        if waking and not ready:  # scaled to zero, a replica starting for a request
+            return False
         return all(ready.get(t.version, 0) >= self.spec.replicas.min for t in self.targets)
 
 

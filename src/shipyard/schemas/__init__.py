@@ -18,6 +18,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchem
 
 from shipyard.domain.checkpoints import CheckpointKind
 from shipyard.domain.models import (
+    AutoscalingSpec,
     BatchingSpec,
     DeploymentSpec,
     DeploymentTarget,
@@ -255,16 +256,18 @@ class CreateDeploymentRequest(Request):
 
 
 class UpdateDeploymentRequest(Request):
-    """The parts of a deployment's spec to change; the rest stays."""
+    """The parts of a deployment's spec to change; the rest stays. ``autoscaling``: a policy
+    to set, or ``null`` to turn autoscaling off (absent: unchanged)."""
 
     targets: list[DeploymentTarget] | None = Field(default=None, max_length=8)
     replicas: ReplicaBounds | None = None
     resources: ReplicaResources | None = None
     batching: BatchingSpec | None = None
+    autoscaling: AutoscalingSpec | None = None
 
 
 class ScaleDeploymentRequest(Request):
-    min: int = Field(ge=1, le=64)
+    min: int = Field(ge=0, le=64)  # 0 only with autoscaling (checked with the spec)
     max: int | None = Field(default=None, ge=1, le=64)
 
 

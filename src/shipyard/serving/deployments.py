@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session
 
 from shipyard.context import Context, new_id
 from shipyard.domain.models import (
+    AutoscalingSpec,
     BatchingSpec,
     Deployment,
     DeploymentRollout,
@@ -64,6 +65,7 @@ from shipyard.store.tables import (
 from shipyard.tracking import registry
 
 __all__ = [
+    "UNCHANGED",
     "WAKE",
     "ResolvedTarget",
     "VersionResolver",
@@ -84,6 +86,16 @@ LOCK = "deployments"
 # Set when a spec changes: the server's reconciler runs at once instead of at its next interval.
 WAKE = threading.Event()
 _ACTIVE_REPLICAS = (ReplicaState.STARTING, ReplicaState.READY, ReplicaState.DRAINING)
+
+
+class _Unchanged:
+    """``update_deployment(autoscaling=...)`` not given (``None`` turns autoscaling off)."""
+
+    def __repr__(self) -> str:
+        return "UNCHANGED"
+
+
+UNCHANGED = _Unchanged()
 
 
 class VersionResolver(Protocol):
@@ -187,8 +199,12 @@ def update_deployment(
     replicas: ReplicaBounds | None = None,
     resources: ReplicaResources | None = None,
     batching: BatchingSpec | None = None,
+    autoscaling: AutoscalingSpec | _Unchanged | None = UNCHANGED,
 ) -> Deployment:
     """Change parts of a deployment's spec (those given) and return at once.
+
+    ``autoscaling``: a policy to set, or None to turn autoscaling off (each target then runs
+    ``replicas.min``, which must be at least 1).
 
     New targets are rolled out by the reconciler: the new versions' replicas start, traffic
     moves to them once they are ready, and the old ones drain; a version that fails to load
@@ -211,6 +227,8 @@ def update_deployment(
         changes["resources"] = resources
     if batching is not None:
         changes["batching"] = batching
+    if not isinstance(autoscaling, _Unchanged):
+        changes["autoscaling"] = autoscaling
     spec = current.model_copy(update=changes)
     check_deployment_spec(spec)
     resolved = resolve_targets(ctx, project=project, model=model, spec=spec)
@@ -252,10 +270,12 @@ def scale_deployment(
     min_replicas: int,
     max_replicas: int | None = None,
 ) -> Deployment:
-    """Set how many replicas each target runs (``max`` defaults to ``max(min, current max)``)."""
+    """Set how many replicas each target runs (``max`` defaults to ``max(min, current max, 1)``).
+
+    With autoscaling these are its bounds (``min`` may then be 0: scale to zero)."""
     authorize(ctx, project=project, need=Role.EDITOR)  # before the lookup: a viewer gets 403
     current = get_deployment(ctx, project=project, name=name).spec.replicas
-    top = max_replicas if max_replicas is not None else max(min_replicas, current.max)
+    top = max_replicas if max_replicas is not None else max(min_replicas, current.max, 1)
     return update_deployment(
         ctx,
         project=project,
@@ -588,7 +608,14 @@ def _to_domain(
     ready = [r for r in replicas if r.state is ReplicaState.READY]
     serving = load_targets(row.serving)
     message = row.message
-    if status is DeploymentStatus.RUNNING and not ready:
+    spec = spec_of(row)
+    # scaled to zero (or waking from it): no ready replica is expected, none has died
+    idle = (
+        spec.autoscaling is not None
+        and spec.replicas.min == 0
+        and not any(r.state is ReplicaState.FAILED for r in replicas)
+    )
+    if status is DeploymentStatus.RUNNING and not ready and not idle:
         # every replica died since the reconciler last looked: say so until it restarts them
         status = DeploymentStatus.FAILED
         message = "no replica is ready (they exited); the reconciler restarts them"
@@ -608,7 +635,7 @@ def _to_domain(
         message=message,
         created_at=aware(row.created_at) or utcnow(),
         created_by=row.created_by,
-        spec=spec_of(row),
+        spec=spec,
         targets=serving,
         replicas=replicas,
         rollout=(

@@ -43,7 +43,7 @@ import anyio.to_thread
 from sqlalchemy import select
 
 from shipyard.context import Context
-from shipyard.domain.models import DeploymentStatus, ReplicaState, ServingTarget
+from shipyard.domain.models import DeploymentSpec, DeploymentStatus, ReplicaState, ServingTarget
 from shipyard.domain.names import validate_name
 from shipyard.domain.principals import Role
 from shipyard.errors import BackendError, NotFoundError
@@ -70,6 +70,10 @@ _RETURNED = frozenset((b"content-type", b"inference-header-content-length", b"co
 # a random read per request
 _ID_PREFIX = uuid.uuid4().hex[:16].encode()
 _ID_COUNTER = itertools.count(1)
+
+
+WAKE_TIMEOUT_S = 30.0  # how long a request to a deployment scaled to zero waits for a replica
+WAKE_POLL_S = 0.05
 
 
 class NoReplicaError(BackendError):
@@ -112,6 +116,7 @@ class _Routes:
     serving: list[_Target]
     shadows: list[_Target]
     status: str
+    wakes: bool = False  # scaled to zero when idle: a request waits for a replica to start
 
 
 class Gateway:
@@ -149,7 +154,12 @@ class Gateway:
         authorize(ctx, project=project, need=Role.VIEWER)
         routes = await self._routes_of(project, name)
         sent, request_id = _outgoing(headers.items() if isinstance(headers, Mapping) else headers)
-        target, url = self._pick(routes, name=name, project=project)
+        try:
+            target, url = self._pick(routes, name=name, project=project)
+        except NoReplicaError:
+            if not routes.wakes:
+                raise
+            routes, (target, url) = await self._wake(routes, project=project, name=name)
         tried = [url]
         while True:
             try:
@@ -177,6 +187,28 @@ class Gateway:
         out.append((_REQUEST_ID, request_id))
         out.append((_VERSION_HEADER, target.version))
         return GatewayResponse(answer.status, out, answer.body)
+
+    async def _wake(
+        self, routes: _Routes, *, project: str, name: str
+    ) -> tuple[_Routes, tuple[_Target, str]]:
+        """Hold a request to a deployment scaled to zero until a replica is ready: ask the
+        reconciler for one (``reconciler.wake``) and look again every ``WAKE_POLL_S`` (the routes
+        reload as soon as the reconciler marks the replica ready), for ``WAKE_TIMEOUT_S``."""
+        reconciler.wake(self.ctx, project=project, name=name)
+        deadline = time.monotonic() + WAKE_TIMEOUT_S
+        while True:
+            await asyncio.sleep(WAKE_POLL_S)
+            routes = await self._routes_of(project, name)
+            try:
+                return routes, self._pick(routes, name=name, project=project)
+            except NoReplicaError:
+                if time.monotonic() >= deadline or not routes.wakes:
+                    raise NoReplicaError(
+                        f"deployment {name!r} in project {project!r} is scaled to zero and no "
+                        f"replica was ready within {WAKE_TIMEOUT_S:.0f}s of this request; see "
+                        f"`shipyard deployments show {name} --project {project}`",
+                        field="name",
+                    ) from None
 
     async def aclose(self) -> None:
         for task in [*self._shadows, *(t for _, t in self._loading.values())]:
@@ -241,6 +273,7 @@ class Gateway:
             ).all()
             serving = deployments.load_targets(row.serving)
             status = row.status
+            spec = DeploymentSpec.model_validate(row.spec) if row.spec else None
         urls: dict[int, list[str]] = {}
         for version, url in ready:
             if url:
@@ -254,6 +287,10 @@ class Gateway:
             serving=[t for t in targets if not t.target.shadow],
             shadows=[t for t in targets if t.target.shadow],
             status=status,
+            wakes=spec is not None
+            and spec.autoscaling is not None
+            and spec.replicas.min == 0
+            and status != DeploymentStatus.STOPPED.value,
         )
 
     def _pick(

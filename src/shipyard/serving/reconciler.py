@@ -23,15 +23,36 @@ the compute plane's admission pipeline):
    plan wants, so two reconcilers (a server and a CLI on one home) never double a replica. Then,
    outside the transaction, the new slots' processes are spawned and their pids recorded.
 
+**Autoscaling** (a spec with ``autoscaling``, the way KServe's concurrency target works): step 1
+also reads each ready replica's ``shipyard_serving_in_flight_requests`` gauge (``GET /metrics``,
+the same short-timeout client), and ``plan`` gives each target ceil(requests in flight over its
+ready replicas / ``target_in_flight``) replicas, clamped to ``replicas``' bounds. A higher count
+is taken once it has been wanted for ``scale_up_window_s`` (0: at once); a lower one only once
+it has been wanted for ``scale_down_delay_s`` with no replica of the target still starting; the
+replicas beyond it drain as above. A target whose ready replica did not answer ``/metrics`` keeps
+its count. With ``replicas.min`` 0 an idle target scales to zero (the deployment stays RUNNING,
+its message says it is idle) and ``wake`` (the gateway, when a request finds no ready replica)
+asks for one replica at once; a new deployment counts as woken when it is created. Each scale
+step is in the deployment's message and the audit log (``deployment.autoscale``).
+
+When a lower count started being wanted (and the last wake) is kept in this process's memory,
+keyed by deployment: it is only a timer, so a restarted server starts it over, which delays a
+scale-down by at most one more ``scale_down_delay_s`` and never scales down early; a second
+reconciler (a CLI pass next to the server) has its own timer, so it can scale up but never
+scales down before the delay either. Nothing of it needs a migration.
+
 Every step is idempotent: running a pass twice, or in two processes, converges on the same
 replicas. ``settle`` runs passes until a deployment has settled (embedded homes and tests).
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
+import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -48,6 +69,7 @@ from shipyard.domain.models import (
     ServingTarget,
 )
 from shipyard.errors import ShipyardError
+from shipyard.security import audit
 from shipyard.serving import deployments, launcher
 from shipyard.serving.deployments import LOCK
 from shipyard.store.engine import lock
@@ -72,12 +94,17 @@ DRAIN_S = 2.0  # > the gateway's route refresh, so nothing is sent to a stopped 
 CLAIM_STALE_S = 30.0  # a slot claimed without a pid for this long lost its spawner
 PROBE_STRIKES = 2
 ACTOR = "system:reconciler"
+IN_FLIGHT_METRIC = "shipyard_serving_in_flight_requests"
+WAKE_HOLD_MIN_S = 1.0  # a wake keeps a replica at least this long (for the held request)
 
 _strikes: dict[str, int] = {}  # failed probes in a row, per ready replica (this process)
 _background = 0
 _background_lock = threading.Lock()
 # Bumped when what serves changes in this process: an in-process gateway reloads its routes.
 _generation = 0
+_autoscale_lock = threading.Lock()
+_wakes: dict[str, datetime] = {}  # "project/name" -> when a replica was last asked for
+_autoscale: dict[str, _AutoscaleMemory] = {}  # deployment id -> its pending timers
 
 
 @dataclass(slots=True)
@@ -102,6 +129,24 @@ class ReplicaView:
     message: str
 
 
+@dataclass(frozen=True, slots=True)
+class Load:
+    """What ``plan`` needs to autoscale: the load observed now and the timers kept so far."""
+
+    in_flight: dict[int, float] = field(default_factory=dict)  # over its ready replicas (0: none)
+    unmeasured: frozenset[int] = frozenset()  # a ready replica did not answer: its count holds
+    # version -> (+1 up or -1 down, since when another count than its current one is wanted)
+    pending: dict[int, tuple[int, datetime]] = field(default_factory=dict)
+    woken_at: datetime | None = None  # the last wake (or the deployment's creation)
+    last_step: str = ""  # the last scale step, for the message
+
+
+@dataclass(slots=True)
+class _AutoscaleMemory:
+    pending: dict[int, tuple[int, datetime]] = field(default_factory=dict)
+    last_step: str = ""
+
+
 @dataclass(slots=True)
 class Plan:
     start: dict[int, int] = field(default_factory=dict)  # version -> slots wanted in all
@@ -112,6 +157,10 @@ class Plan:
     rollout: dict[str, Any] | None = None
     status: DeploymentStatus = DeploymentStatus.STARTING
     message: str = ""
+    counts: dict[int, int] = field(default_factory=dict)  # version -> replicas it runs
+    pending: dict[int, tuple[int, datetime]] = field(default_factory=dict)  # see ``Load``
+    scaled: list[dict[str, Any]] = field(default_factory=list)  # the scale steps of this pass
+    last_step: str = ""
 
 
 def background(running: bool) -> None:
@@ -129,6 +178,18 @@ def in_background() -> bool:
 def generation() -> int:
     """Changes whenever a pass in this process changed what serves (for the gateway)."""
     return _generation
+
+
+def wake(ctx: Context, *, project: str, name: str) -> None:
+    """Ask for at least one replica of deployment ``name`` at once (a request arrived for it
+    and none is ready): the next pass (run now in a server: this sets ``deployments.WAKE``)
+    starts one per serving target even when it is scaled to zero, and keeps it for at least
+    ``scale_down_delay_s``. Cheap (no I/O): a gateway may call it on every such request. It only
+    matters to a deployment with autoscaling; the wish lives in this process's memory."""
+    del ctx  # the wish is kept in memory (see the module docstring), not in the database
+    with _autoscale_lock:
+        _wakes[f"{project}/{name}"] = utcnow()
+    deployments.WAKE.set()
 
 
 def reconcile_once(
@@ -171,10 +232,20 @@ def plan(
     rollout: dict[str, Any] | None,
     replicas: list[ReplicaView],
     now: datetime,
+    load: Load | None = None,
 ) -> Plan:
-    """Decide one deployment's next step (pure: no I/O). See the module docstring."""
+    """Decide one deployment's next step (pure: no I/O). See the module docstring.
+
+    ``load`` is what autoscaling needs (ignored without ``spec.autoscaling``; None: no load).
+    """
     out = Plan(serving=list(serving), rollout=rollout)
-    count = spec.replicas.min
+    load = load or Load()
+    out.last_step = load.last_step
+    out.counts = _autoscale_counts(spec, desired, serving, replicas, load, now, out)
+
+    def count_of(version: int) -> int:
+        return out.counts.get(version, spec.replicas.min)
+
     key = _key(desired) if desired is not None else None
     rolling = desired is not None and key != _key(serving)
     failed_rollout = bool(
@@ -200,7 +271,7 @@ def plan(
             out.rollout = {"to": deployments.dump_targets(desired), "to_key": key, "error": None}
             keep |= {t.version for t in desired}
             ready = _ready_counts(replicas)
-            if all(ready.get(t.version, 0) >= count for t in desired):
+            if all(ready.get(t.version, 0) >= count_of(t.version) for t in desired):
                 out.serving = list(desired)
                 out.rollout = None
                 keep = {t.version for t in desired}
@@ -211,6 +282,7 @@ def plan(
             out.rollout = None
 
     for version in sorted(keep):
+        count = count_of(version)
         slots = [r for r in replicas if r.version == version and _is_slot(r)]
         if len(slots) < count:
             out.start[version] = count
@@ -225,18 +297,82 @@ def plan(
             continue
         (out.drain if r.state is ReplicaState.READY else out.stop).append(r.id)
 
+    out.pending = {v: p for v, p in out.pending.items() if v in keep}
     out.status, out.message = _summary(
-        out, replicas, count=count, failed_rollout=failed_rollout, desired_error=desired_error
+        out,
+        replicas,
+        spec=spec,
+        count_of=count_of,
+        failed_rollout=failed_rollout,
+        desired_error=desired_error,
     )
     return out
 
 
 def backoff_s(restarts: int) -> float:
     """How long a failed replica waits before its next restart (``restarts`` so far)."""
-    return min(RESTART_BACKOFF_S * (2 ** min(restarts, 30)), RESTART_BACKOFF_MAX_S)
+    return float(min(RESTART_BACKOFF_S * (2 ** min(restarts, 30)), RESTART_BACKOFF_MAX_S))
 
 
 # --- helpers ------------------------------------------------------------------------------------
+
+
+def _autoscale_counts(
+    spec: DeploymentSpec,
+    desired: list[ServingTarget] | None,
+    serving: list[ServingTarget],
+    replicas: list[ReplicaView],
+    load: Load,
+    now: datetime,
+    out: Plan,
+) -> dict[int, int]:
+    """The replicas each version runs; records pending timers and scale steps in ``out``."""
+    versions = {t.version for t in serving} | {t.version for t in desired or []}
+    policy = spec.autoscaling
+    if policy is None:
+        return {v: spec.replicas.min for v in versions}
+    lo, hi = spec.replicas.min, spec.replicas.max
+    woken = load.woken_at is not None and (
+        (now - load.woken_at).total_seconds() < max(policy.scale_down_delay_s, WAKE_HOLD_MIN_S)
+    )
+    slots = {v: [r for r in replicas if r.version == v and _is_slot(r)] for v in versions}
+    current = {v: min(max(len(slots[v]), lo), hi) for v in versions}
+    serving_versions = {t.version for t in serving}
+    taking_over = max((current[v] for v in serving_versions), default=lo)
+    counts: dict[int, int] = {}
+    for v in sorted(versions):
+        in_flight = load.in_flight.get(v, 0.0)
+        if v in load.unmeasured:
+            counts[v] = current[v]
+            continue
+        want = math.ceil(in_flight / policy.target_in_flight - 1e-9)
+        if woken:
+            want = max(want, 1)
+        if v not in serving_versions:
+            want = max(want, taking_over)  # a version rolling in takes the old one's traffic
+        want = min(max(want, lo), hi)
+        have = current[v]
+        starting = any(r.state is ReplicaState.STARTING for r in slots[v])
+        if want == have or (want < have and starting):
+            counts[v] = have  # a starting replica has had no chance to take load yet
+            continue
+        direction = 1 if want > have else -1
+        window = policy.scale_up_window_s if direction > 0 else policy.scale_down_delay_s
+        previous = load.pending.get(v)
+        since = previous[1] if previous is not None and previous[0] == direction else now
+        if (now - since).total_seconds() < window:
+            counts[v] = have
+            out.pending[v] = (direction, since)
+            continue
+        counts[v] = want
+        step = {"version": v, "from": have, "to": want, "in_flight": in_flight}
+        out.scaled.append(step)
+        out.last_step = (
+            f"scaled version {v} {'up' if direction > 0 else 'down'} from {have} to {want} "
+            f"replicas at {now.isoformat(timespec='seconds')} ({in_flight:g} requests in "
+            f"flight, target {policy.target_in_flight:g} per replica)"
+        )
+    return counts
 
 
 @dataclass(slots=True)
@@ -251,6 +387,7 @@ class _Loaded:
     status: str
     replicas: list[DeploymentReplicaRow]
     legacy: tuple[int, float | None] | None  # a replica from before replica slots existed
+    created_at: datetime | None = None
 
 
 def _load(ctx: Context, *, project: str | None, name: str | None) -> list[_Loaded]:
@@ -286,6 +423,7 @@ def _load(ctx: Context, *, project: str | None, name: str | None) -> list[_Loade
                     status=row.status,
                     replicas=replicas,
                     legacy=(row.pid, row.pid_started) if row.pid is not None else None,
+                    created_at=aware(row.created_at),
                 )
             )
     return loaded
@@ -305,7 +443,7 @@ def _reconcile(ctx: Context, loaded: _Loaded, result: ReconcileResult) -> None:
     now = utcnow()
     if loaded.legacy is not None:  # adopt nothing from before slots: stop it, start per spec
         launcher.stop_process_group(*loaded.legacy)
-    observed = _observe(ctx, loaded, now)
+    observed, in_flight = _observe(ctx, loaded, now)
     for replica_id, seen in observed.items():
         if seen.stop_process:
             row = next(r for r in loaded.replicas if r.id == replica_id)
@@ -323,6 +461,7 @@ def _reconcile(ctx: Context, loaded: _Loaded, result: ReconcileResult) -> None:
     except ShipyardError as exc:
         desired_error = exc.message
     views = [_view(r, observed.get(r.id)) for r in loaded.replicas]
+    memory = _memory(loaded)
     decided = plan(
         spec=loaded.spec,
         desired=desired,
@@ -331,7 +470,11 @@ def _reconcile(ctx: Context, loaded: _Loaded, result: ReconcileResult) -> None:
         rollout=loaded.rollout,
         replicas=views,
         now=now,
+        load=_load_of(loaded, views, in_flight, memory),
     )
+    with _autoscale_lock:
+        memory.pending = decided.pending
+        memory.last_step = decided.last_step
     stopping = [r for r in loaded.replicas if r.id in decided.stop and r.pid is not None]
     for row in stopping:
         launcher.stop_process_group(row.pid or 0, row.create_time)
@@ -341,16 +484,97 @@ def _reconcile(ctx: Context, loaded: _Loaded, result: ReconcileResult) -> None:
         _spawn(ctx, loaded, slot_id, version, digest, result)
 
 
-def _observe(ctx: Context, loaded: _Loaded, now: datetime) -> dict[str, _Observed]:
+def _observe(
+    ctx: Context, loaded: _Loaded, now: datetime
+) -> tuple[dict[str, _Observed], dict[str, float | None]]:
+    """What changed of each replica, and (with autoscaling) each ready one's requests in flight
+    (None: it did not answer ``/metrics``)."""
     seen: dict[str, _Observed] = {}
-    timeout = httpx.Timeout(PROBE_TIMEOUT_S, connect=min(1.0, PROBE_TIMEOUT_S))
-    with httpx.Client(timeout=timeout, trust_env=False) as client:
-        for row in loaded.replicas:
-            state = ReplicaState(row.state)
-            observed = _observe_one(ctx, client, loaded, row, state, now)
-            if observed is not None:
-                seen[row.id] = observed
-    return seen
+    in_flight: dict[str, float | None] = {}
+    client = _probe_client()  # one for every pass: making one costs more than a probe
+    for row in loaded.replicas:
+        state = ReplicaState(row.state)
+        observed = _observe_one(ctx, client, loaded, row, state, now)
+        if observed is not None:
+            seen[row.id] = observed
+            state = observed.state
+        if loaded.spec.autoscaling is not None and state is ReplicaState.READY and row.url:
+            in_flight[row.id] = read_in_flight(client, row.url)
+    return seen, in_flight
+
+
+_probe: httpx.Client | None = None
+_probe_lock = threading.Lock()
+
+
+def _probe_client() -> httpx.Client:
+    """The reconciler's HTTP client for probes (thread-safe, kept for the process's life)."""
+    global _probe
+    with _probe_lock:
+        if _probe is None:
+            timeout = httpx.Timeout(PROBE_TIMEOUT_S, connect=min(1.0, PROBE_TIMEOUT_S))
+            _probe = httpx.Client(timeout=timeout, trust_env=False)
+            atexit.register(_probe.close)
+        return _probe
+
+
+def read_in_flight(client: httpx.Client, url: str) -> float | None:
+    """The replica's ``shipyard_serving_in_flight_requests`` gauge (from ``GET /metrics``);
+    None when it does not answer or the line is missing."""
+    try:
+        response = client.get(f"{url}/metrics")
+    except httpx.HTTPError:
+        return None
+    if response.status_code != 200:
+        return None
+    text = response.text
+    at = text.find(f"\n{IN_FLIGHT_METRIC}")
+    if at < 0:
+        return None
+    end = text.find("\n", at + 1)
+    line = text[at + 1 : end if end >= 0 else len(text)]
+    try:
+        value = float(line.rsplit(" ", 1)[1])
+    except (IndexError, ValueError):
+        return None
+    return value if math.isfinite(value) and value >= 0 else None
+
+
+def _memory(loaded: _Loaded) -> _AutoscaleMemory:
+    with _autoscale_lock:
+        return _autoscale.setdefault(loaded.id, _AutoscaleMemory())
+
+
+def _load_of(
+    loaded: _Loaded,
+    views: list[ReplicaView],
+    in_flight: dict[str, float | None],
+    memory: _AutoscaleMemory,
+) -> Load | None:
+    if loaded.spec.autoscaling is None:
+        return None
+    totals: dict[int, float] = {}
+    unknown: set[int] = set()
+    for view in views:
+        if view.state is not ReplicaState.READY:
+            continue
+        value = in_flight.get(view.id)
+        if value is None:
+            unknown.add(view.version)
+        else:
+            totals[view.version] = totals.get(view.version, 0.0) + value
+    with _autoscale_lock:
+        woken = _wakes.get(f"{loaded.project}/{loaded.name}")
+        pending = dict(memory.pending)
+        last_step = memory.last_step
+    woken_at = max([t for t in (woken, loaded.created_at) if t is not None], default=None)
+    return Load(
+        in_flight=totals,
+        unmeasured=frozenset(unknown),
+        pending=pending,
+        woken_at=woken_at,
+        last_step=last_step,
+    )
 
 
 def _observe_one(
@@ -543,6 +767,14 @@ def _apply(
             changed = True
         if decided.rollout != row.rollout:
             row.rollout = decided.rollout
+        for step in decided.scaled:
+            audit.record(
+                s,
+                actor=ACTOR,
+                action="deployment.autoscale",
+                resource=f"project/{loaded.project}/deployment/{loaded.name}",
+                details=step,
+            )
         if row.status != decided.status.value or row.message != decided.message:
             row.status = decided.status.value
             row.message = decided.message
@@ -646,11 +878,32 @@ def _excess(slots: list[ReplicaView], count: int) -> list[ReplicaView]:
     return ranked[: max(0, len(slots) - count)]
 
 
+def _autoscale_notes(out: Plan, spec: DeploymentSpec) -> list[str]:
+    policy = spec.autoscaling
+    if policy is None:
+        return []
+    notes = [
+        f"autoscaling {spec.replicas.min}-{spec.replicas.max} replicas per target at "
+        f"{policy.target_in_flight:g} requests in flight each"
+    ]
+    for version, (direction, since) in sorted(out.pending.items()):
+        window = policy.scale_up_window_s if direction > 0 else policy.scale_down_delay_s
+        notes.append(
+            f"version {version} scales {'up' if direction > 0 else 'down'} if its load stays "
+            f"{'above' if direction > 0 else 'below'} its replicas for {window:g}s (since "
+            f"{since.isoformat(timespec='seconds')})"
+        )
+    if out.last_step:
+        notes.append(f"last {out.last_step}")
+    return notes
+
+
 def _summary(
     out: Plan,
     replicas: list[ReplicaView],
     *,
-    count: int,
+    spec: DeploymentSpec,
+    count_of: Callable[[int], int],
     failed_rollout: bool,
     desired_error: str | None,
 ) -> tuple[DeploymentStatus, str]:
@@ -664,21 +917,33 @@ def _summary(
         to = deployments.describe_targets(deployments.load_targets(out.rollout.get("to")))
         notes.append(f"the rollout to {to} failed: {out.rollout.get('error')}")
     elif out.rollout:
-        to = deployments.load_targets(out.rollout.get("to"))
-        done = sum(min(ready.get(t.version, 0), count) for t in to)
+        moving = deployments.load_targets(out.rollout.get("to"))
+        done = sum(min(ready.get(t.version, 0), count_of(t.version)) for t in moving)
+        wanted = sum(count_of(t.version) for t in moving)
         notes.append(
-            f"rolling out {deployments.describe_targets(to)}: {done}/{count * len(to)} "
-            "replicas ready"
+            f"rolling out {deployments.describe_targets(moving)}: {done}/{wanted} replicas ready"
         )
     failing = [r for r in replicas if r.state is ReplicaState.FAILED and r.id not in out.stop]
     if failing:
         notes.append(f"replica {failing[0].id} failed: {failing[0].message}")
+    notes += _autoscale_notes(out, spec)
+    starting = any(r.state is ReplicaState.STARTING for r in replicas)
     if serving and any(ready.get(t.version, 0) for t in serving):
-        total = sum(min(ready.get(t.version, 0), count) for t in out.serving)
-        head = f"serving {described} ({total}/{count * len(out.serving)} replicas ready)"
+        total = sum(min(ready.get(t.version, 0), count_of(t.version)) for t in out.serving)
+        wanted = sum(count_of(t.version) for t in out.serving)
+        head = f"serving {described} ({total}/{wanted} replicas ready)"
         return DeploymentStatus.RUNNING, "; ".join([head, *notes])
-    if serving and not any(r.state is ReplicaState.STARTING for r in replicas) and failing:
+    if serving and not starting and failing:
         return DeploymentStatus.FAILED, "; ".join(["no replica is ready", *notes])
+    if serving and spec.autoscaling is not None and spec.replicas.min == 0 and not failing:
+        if starting or any(count_of(t.version) for t in out.serving):
+            head = f"waking from zero: starting a replica of {described}"
+        else:
+            head = (
+                f"idle (scaled to zero): no replica runs; the next request to it starts one "
+                f"of {described}"
+            )
+        return DeploymentStatus.RUNNING, "; ".join([head, *notes])
     if not serving and failed_rollout:
         return DeploymentStatus.FAILED, "; ".join(notes)
     head = f"starting {described}" if serving else "starting"

@@ -62,6 +62,9 @@ def update_deployment(
         replicas=body.replicas,
         resources=body.resources,
         batching=body.batching,
+        autoscaling=(
+            body.autoscaling if "autoscaling" in body.model_fields_set else deployments.UNCHANGED
+        ),
     )
 
 
